@@ -1,0 +1,412 @@
+//! The decoder-only transformer shared by Llama and Qwen2, read top to bottom:
+//! `Rope`, `Attention`, `Mlp`, `Block`, `Transformer`.
+//!
+//! One forward runs a whole engine step: several sequences, each at its own position in its own KV
+//! slot, prefill chunks and single decode tokens mixed. Everything position-independent (norms,
+//! projections, MLP) runs once over all the step's tokens stacked `[tokens, hidden]`; only the
+//! attention core loops over sequences, each against its own cache.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::kv::{KvCache, SlotId};
+use crate::linear::{Embedding, Linear};
+use crate::weights::WeightSource;
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone)]
+pub struct SeqInput<'a> {
+    pub slot: SlotId,
+    /// Tokens appended after the slot's cached positions.
+    pub tokens: &'a [u32],
+    /// Logits of every token (speculative verification, scoring) or just the last.
+    pub all_logits: bool,
+}
+
+/// Logits of a step: `logits` `[rows, vocab]`, and for each input sequence its rows.
+#[derive(Debug)]
+pub struct BatchLogits {
+    pub logits: Tensor,
+    pub rows: Vec<Range<usize>>,
+}
+
+impl BatchLogits {
+    /// Each row as a `Vec<f32>`, grouped per sequence.
+    pub fn to_vecs(&self) -> Result<Vec<Vec<Vec<f32>>>> {
+        let all = self.logits.to_vec2::<f32>()?;
+        Ok(self.rows.iter().map(|r| all[r.clone()].to_vec()).collect())
+    }
+}
+
+/// Rotary position embedding tables, `[max_positions, head_dim / 2]`, in the Hugging Face
+/// "rotate half" convention (dimension i pairs with i + head_dim/2).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, max_positions: usize, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim;
+        let mut inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let mut pos_scale = 1.0;
+        match &cfg.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => pos_scale = 1.0 / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                // Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen < high_wavelen {
+                        continue;
+                    } else if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            RopeScaling::Factors(factors) => {
+                for (f, s) in inv_freq.iter_mut().zip(factors) {
+                    *f /= s;
+                }
+            }
+        }
+        let mut cos = Vec::with_capacity(max_positions * d / 2);
+        let mut sin = Vec::with_capacity(max_positions * d / 2);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let a = p as f64 * pos_scale * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, d / 2), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, d / 2), device)?,
+        })
+    }
+
+    /// `x`: `[tokens, heads, head_dim]`, `positions`: `[tokens]` u32.
+    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (t, h, d) = x.dims3()?;
+        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+        // Each token is its own "batch" entry so every token gets its own position.
+        let x = x.reshape((t, h, 1, d))?;
+        Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?.reshape((t, h, d))?)
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, kvh, hd, hidden) = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.hidden_size,
+        );
+        Ok(Self {
+            q: w.linear(&format!("{p}.q_proj"), h * hd, hidden, cfg.qkv_bias)?,
+            k: w.linear(&format!("{p}.k_proj"), kvh * hd, hidden, cfg.qkv_bias)?,
+            v: w.linear(&format!("{p}.v_proj"), kvh * hd, hidden, cfg.qkv_bias)?,
+            o: w.linear(&format!("{p}.o_proj"), hidden, h * hd, false)?,
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        rope: &Rope,
+        kv: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = rope.apply(&self.q.forward(x)?.reshape((t, h, hd))?, &step.positions)?;
+        let k = rope.apply(&self.k.forward(x)?.reshape((t, kvh, hd))?, &step.positions)?;
+        let v = self.v.forward(x)?.reshape((t, kvh, hd))?;
+        let group = h / kvh;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(step.seqs.len());
+        for s in &step.seqs {
+            let n = s.len;
+            // [n, heads, hd] → [heads, n, hd]; query heads sharing a KV head are adjacent, so
+            // [kv_heads, group * n, hd] lets one matmul serve the whole group (GQA).
+            let q = q.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
+            let q = q.reshape((kvh, group * n, hd))?;
+            let k_new = k.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
+            let v_new = v.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
+            let (k_all, v_all) = kv.append(s.slot, layer, &k_new, &v_new)?;
+            let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
+            if n > 1 {
+                scores = scores.broadcast_add(&causal_mask(n, s.start, group, x.device())?)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&v_all.contiguous()?)?; // [kvh, group*n, hd]
+            outs.push(
+                o.reshape((h, n, hd))?
+                    .transpose(0, 1)?
+                    .reshape((n, h * hd))?,
+            );
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        self.o.forward(&o)
+    }
+}
+
+/// `[group * n, start + n]`: query i (at position start + i) sees keys 0..=start + i.
+fn causal_mask(n: usize, start: usize, group: usize, device: &Device) -> Result<Tensor> {
+    let len = start + n;
+    let mut m = Vec::with_capacity(group * n * len);
+    for _ in 0..group {
+        for i in 0..n {
+            m.extend((0..len).map(|j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
+        }
+    }
+    Ok(Tensor::from_vec(m, (group * n, len), device)?)
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate: w.linear(&format!("{p}.gate_proj"), inter, hidden, false)?,
+            up: w.linear(&format!("{p}.up_proj"), inter, hidden, false)?,
+            down: w.linear(&format!("{p}.down_proj"), hidden, inter, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_attn_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(w: &mut WeightSource, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let hidden = cfg.hidden_size;
+        Ok(Self {
+            input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            post_attn_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+}
+
+/// Where each sequence's tokens sit in the step's stacked `[tokens, hidden]` tensor.
+struct StepSeq {
+    slot: SlotId,
+    offset: usize,
+    len: usize,
+    /// Cached positions before this step.
+    start: usize,
+}
+
+struct Step {
+    seqs: Vec<StepSeq>,
+    positions: Tensor,
+}
+
+pub struct Transformer {
+    cfg: ModelConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    max_context: usize,
+    device: Device,
+}
+
+impl Transformer {
+    pub(crate) fn load(w: &mut WeightSource, cfg: ModelConfig, max_context: usize) -> Result<Self> {
+        let device = Device::Cpu;
+        let embed = w.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Block::load(w, i, &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.tensor("model.norm.weight", &[cfg.hidden_size])?;
+        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+            w.linear("lm_head", cfg.vocab_size, cfg.hidden_size, false)?
+        } else {
+            embed.as_linear()?
+        };
+        let rope = Rope::new(&cfg, max_context, &device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            max_context,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The longest sequence (prompt + generated) this instance serves.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.lm_head.is_quantized() || self.blocks.iter().any(|b| b.mlp.up.is_quantized())
+    }
+
+    /// A KV cache shaped for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            self.max_context,
+            self.device.clone(),
+        )
+    }
+
+    /// Runs one step. On error no slot has advanced (a bad sequence can't corrupt the others'
+    /// caches), though rows written past a slot's end may be overwritten later.
+    pub fn forward(&self, kv: &mut KvCache, batch: &[SeqInput<'_>]) -> Result<BatchLogits> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut select = Vec::new();
+        for s in batch {
+            let start = kv.len(s.slot)?;
+            let n = s.tokens.len();
+            if n == 0 {
+                return Err(ModelError::Config(format!(
+                    "slot {} got no tokens",
+                    s.slot.0
+                )));
+            }
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(ModelError::TokenOutOfRange {
+                    token: bad,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+            kv.reserve(s.slot, n)?;
+            let offset = ids.len();
+            ids.extend_from_slice(s.tokens);
+            positions.extend((start..start + n).map(|p| p as u32));
+            let first_row = select.len();
+            if s.all_logits {
+                select.extend((offset..offset + n).map(|i| i as u32));
+            } else {
+                select.push((offset + n - 1) as u32);
+            }
+            rows.push(first_row..select.len());
+            seqs.push(StepSeq {
+                slot: s.slot,
+                offset,
+                len: n,
+                start,
+            });
+        }
+        let t = ids.len();
+        let step = Step {
+            seqs,
+            positions: Tensor::from_vec(positions, t, &self.device)?,
+        };
+        let ids = Tensor::from_vec(ids, t, &self.device)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = self.embed.forward(&ids)?;
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &b.input_norm, eps)?;
+            x = (x + b.attn.forward(&h, &step, &self.rope, kv, layer)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.post_attn_norm, eps)?;
+            x = (x + b.mlp.forward(&h)?)?;
+        }
+        for s in &step.seqs {
+            kv.advance(s.slot, s.len)?;
+        }
+        // Only the rows someone will sample from go through the final norm and the LM head.
+        let x = if select.len() == t {
+            x
+        } else {
+            x.index_select(
+                &Tensor::from_vec(select.clone(), select.len(), &self.device)?,
+                0,
+            )?
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(BatchLogits { logits, rows })
+    }
+
+    /// Convenience for tests and scoring: logits of every position of `tokens` in a fresh slot.
+    pub fn score(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let mut kv = self.new_cache();
+        let slot = kv.allocate();
+        let out = self.forward(
+            &mut kv,
+            &[SeqInput {
+                slot,
+                tokens,
+                all_logits: true,
+            }],
+        )?;
+        Ok(out.logits.i((.., ..))?.to_vec2::<f32>()?)
+    }
+}

@@ -1,0 +1,385 @@
+//! Where weights come from: a Hugging Face folder (safetensors, single or sharded) or a GGUF file.
+//! The model asks for tensors by their Hugging Face names; the GGUF source maps them to llama.cpp
+//! names and undoes llama.cpp's q/k row permutation, so one model file serves both formats.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Architecture;
+use crate::error::{ModelError, Result};
+use crate::linear::{Embedding, Linear, LinearWeight};
+
+/// How to run a GGUF file's block-quantized weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantMode {
+    /// Keep them quantized and multiply with candle's quantized kernels (the fast path on CPU).
+    /// Q4_1/Q5_0/Q5_1 tensors are re-quantized to Q8_0 at load: candle only has SIMD kernels for
+    /// Q4_0, Q8_0 and the K-quants, and Q8_0 holds those 4/5-bit values almost exactly.
+    #[default]
+    Quantized,
+    /// Dequantize everything to f32 at load.
+    Dequantized,
+}
+
+pub(crate) enum WeightSource {
+    Hf(HfWeights),
+    Gguf(GgufWeights),
+}
+
+impl WeightSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            WeightSource::Hf(h) => &h.dir,
+            WeightSource::Gguf(g) => &g.path,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            WeightSource::Hf(h) => h.tensors.contains_key(name),
+            WeightSource::Gguf(g) => g
+                .gguf_name(name)
+                .is_some_and(|n| g.content.tensor_infos.contains_key(&n)),
+        }
+    }
+
+    /// A dense f32 tensor (norm weights, biases).
+    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match self {
+            WeightSource::Hf(h) => h.get(name)?,
+            WeightSource::Gguf(g) => g.qtensor(name)?.dequantize(&Device::Cpu)?,
+        };
+        check_shape(self.path(), name, &t, shape)?;
+        Ok(t)
+    }
+
+    pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = match self {
+            WeightSource::Hf(h) => {
+                let w = h.get(&format!("{name}.weight"))?;
+                check_shape(&h.dir, &format!("{name}.weight"), &w, &[out, inp])?;
+                LinearWeight::Dense(w)
+            }
+            WeightSource::Gguf(g) => {
+                let q = g.qtensor(&format!("{name}.weight"))?;
+                let dims = q.shape().dims().to_vec();
+                if dims != [out, inp] {
+                    return Err(ModelError::WrongShape {
+                        path: g.path.clone(),
+                        tensor: g.gguf_name(&format!("{name}.weight")).unwrap_or_default(),
+                        got: dims,
+                        want: vec![out, inp],
+                    });
+                }
+                g.to_linear_weight(q)?
+            }
+        };
+        let bias = if bias {
+            Some(self.tensor(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Linear::new(weight, bias)
+    }
+
+    pub fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        match self {
+            WeightSource::Hf(h) => {
+                let w = h.get(&format!("{name}.weight"))?;
+                check_shape(&h.dir, name, &w, &[vocab, hidden])?;
+                Ok(Embedding::Dense(w))
+            }
+            WeightSource::Gguf(g) => {
+                let q = g.qtensor(&format!("{name}.weight"))?;
+                if q.shape().dims() != [vocab, hidden] {
+                    return Err(ModelError::WrongShape {
+                        path: g.path.clone(),
+                        tensor: "token_embd.weight".into(),
+                        got: q.shape().dims().to_vec(),
+                        want: vec![vocab, hidden],
+                    });
+                }
+                match g.mode {
+                    QuantMode::Dequantized => Ok(Embedding::Dense(q.dequantize(&Device::Cpu)?)),
+                    QuantMode::Quantized => Ok(Embedding::Quantized(Arc::new(q))),
+                }
+            }
+        }
+    }
+}
+
+fn check_shape(path: &Path, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() != want {
+        return Err(ModelError::WrongShape {
+            path: path.to_owned(),
+            tensor: name.to_owned(),
+            got: t.dims().to_vec(),
+            want: want.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) struct HfWeights {
+    pub dir: PathBuf,
+    tensors: HashMap<String, (PathBuf, Tensor)>,
+}
+
+impl HfWeights {
+    /// Loads `model.safetensors`, or every shard named in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                    path: index.clone(),
+                    source,
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::MissingKey {
+                    path: index.clone(),
+                    key: "weight_map".into(),
+                })?;
+            let mut files: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect();
+            files.sort();
+            files.dedup();
+            files
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut tensors = HashMap::new();
+        for file in files {
+            let bytes = std::fs::read(&file).map_err(|source| ModelError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            let loaded =
+                candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+                    ModelError::Truncated {
+                        path: file.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            for (name, t) in loaded {
+                tensors.insert(name, (file.clone(), t));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            tensors,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<Tensor> {
+        let (_, t) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.to_owned(),
+            })?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+pub(crate) struct GgufWeights {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    file: File,
+    file_len: u64,
+    arch: Architecture,
+    num_heads: usize,
+    num_kv_heads: usize,
+    mode: QuantMode,
+}
+
+impl GgufWeights {
+    pub fn open(path: &Path, mode: QuantMode) -> Result<Self> {
+        let mut file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file_len = file
+            .metadata()
+            .map_err(|source| ModelError::Io {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Truncated {
+            path: path.to_owned(),
+            reason: format!("reading the GGUF header: {e}"),
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            content,
+            file,
+            file_len,
+            // Set by `set_layout` once the metadata is parsed.
+            arch: Architecture::Llama,
+            num_heads: 1,
+            num_kv_heads: 1,
+            mode,
+        })
+    }
+
+    pub fn set_layout(&mut self, arch: Architecture, num_heads: usize, num_kv_heads: usize) {
+        self.arch = arch;
+        self.num_heads = num_heads;
+        self.num_kv_heads = num_kv_heads;
+    }
+
+    /// Hugging Face tensor name → llama.cpp GGUF tensor name.
+    fn gguf_name(&self, hf: &str) -> Option<String> {
+        let (base, suffix) = hf.rsplit_once('.')?;
+        let mapped = match base {
+            "model.embed_tokens" => "token_embd".to_owned(),
+            "model.norm" => "output_norm".to_owned(),
+            "lm_head" => "output".to_owned(),
+            "rope_freqs" => "rope_freqs".to_owned(),
+            _ => {
+                let rest = base.strip_prefix("model.layers.")?;
+                let (layer, part) = rest.split_once('.')?;
+                let part = match part {
+                    "input_layernorm" => "attn_norm",
+                    "post_attention_layernorm" => "ffn_norm",
+                    "self_attn.q_proj" => "attn_q",
+                    "self_attn.k_proj" => "attn_k",
+                    "self_attn.v_proj" => "attn_v",
+                    "self_attn.o_proj" => "attn_output",
+                    "mlp.gate_proj" => "ffn_gate",
+                    "mlp.up_proj" => "ffn_up",
+                    "mlp.down_proj" => "ffn_down",
+                    _ => return None,
+                };
+                format!("blk.{layer}.{part}")
+            }
+        };
+        Some(format!("{mapped}.{suffix}"))
+    }
+
+    /// Reads one tensor's raw blocks, un-permuting llama q/k rows to the Hugging Face layout.
+    fn qtensor(&mut self, hf_name: &str) -> Result<QTensor> {
+        let name = self
+            .gguf_name(hf_name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                tensor: hf_name.to_owned(),
+            })?;
+        let info =
+            self.content
+                .tensor_infos
+                .get(&name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: self.path.clone(),
+                    tensor: name.clone(),
+                })?;
+        let dtype = info.ggml_dtype;
+        let dims = info.shape.dims().to_vec();
+        let elems: usize = dims.iter().product();
+        let block = dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(ModelError::WrongShape {
+                path: self.path.clone(),
+                tensor: name,
+                got: dims,
+                want: vec![],
+            });
+        }
+        let size = elems / block * dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset;
+        if start + size as u64 > self.file_len {
+            return Err(ModelError::Truncated {
+                path: self.path.clone(),
+                reason: format!(
+                    "tensor '{name}' needs bytes {start}..{} but the file has {}",
+                    start + size as u64,
+                    self.file_len
+                ),
+            });
+        }
+        let mut raw = vec![0u8; size];
+        let io = |source| ModelError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.seek(SeekFrom::Start(start)).map_err(io)?;
+        self.file
+            .read_exact(&mut raw)
+            .map_err(|source| ModelError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if self.arch == Architecture::Llama && dims.len() == 2 {
+            let heads = if hf_name.ends_with("q_proj.weight") || hf_name.ends_with("q_proj.bias") {
+                Some(self.num_heads)
+            } else if hf_name.ends_with("k_proj.weight") || hf_name.ends_with("k_proj.bias") {
+                Some(self.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                raw = unpermute_rows(&raw, dims[0], heads);
+            }
+        }
+        let t = qtensor_from_ggml(dtype, &raw, dims, &Device::Cpu).map_err(|e| {
+            ModelError::UnsupportedQuantization {
+                path: self.path.clone(),
+                tensor: name.clone(),
+                dtype: format!("{dtype:?} ({e})"),
+            }
+        })?;
+        Ok(t)
+    }
+
+    fn to_linear_weight(&self, q: QTensor) -> Result<LinearWeight> {
+        Ok(match (self.mode, q.dtype()) {
+            (QuantMode::Dequantized, _)
+            | (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                LinearWeight::Dense(q.dequantize(&Device::Cpu)?)
+            }
+            (QuantMode::Quantized, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) => {
+                let dense = q.dequantize(&Device::Cpu)?;
+                LinearWeight::Quantized(Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?))
+            }
+            (QuantMode::Quantized, _) => LinearWeight::Quantized(Arc::new(q)),
+        })
+    }
+}
+
+/// llama.cpp's converter reorders each head's rows from HF's "rotate half" RoPE layout
+/// (pairs i, i + d/2) to interleaved pairs (2i, 2i + 1). Rows are quantized independently, so
+/// undoing it is a permutation of whole rows of raw blocks: HF row (h, j, i) = GGUF row (h, i, j).
+fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let row_bytes = raw.len() / rows;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0u8; raw.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let hf = h * head_dim + j * half + i;
+                let gg = h * head_dim + i * 2 + j;
+                out[hf * row_bytes..(hf + 1) * row_bytes]
+                    .copy_from_slice(&raw[gg * row_bytes..(gg + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
