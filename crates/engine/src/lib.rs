@@ -1,0 +1,13 @@
+//! Tandem's engine: sampling, stopping and incremental detokenization per sequence, and the
+//! continuous-batching scheduler that runs many sequences through one model.
+
+pub mod detokenize;
+pub mod request;
+pub mod sampling;
+pub mod scheduler;
+pub mod stopping;
+
+pub use request::{EngineError, Event, Request, TokenEvent, Usage};
+pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{Engine, EngineConfig, EngineStats, Generation};
+pub use stopping::{FinishReason, StopCriteria};

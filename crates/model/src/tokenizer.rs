@@ -105,6 +105,40 @@ impl TextModel {
         format!("{h:016x}")
     }
 
+    /// tokenizer.json text, to ship the tokenizer to a router that has no model files.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        self.tokenizer
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: "serialize".into(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The counterpart of `tokenizer_json`: rebuilds a `TextModel` from its parts.
+    pub fn from_parts(
+        tokenizer_json: &str,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        eos_token_ids: Vec<u32>,
+    ) -> Result<Self> {
+        let tokenizer: Tokenizer =
+            tokenizer_json
+                .parse()
+                .map_err(|e: tokenizers::Error| ModelError::Tokenizer {
+                    path: "tokenizer_json".into(),
+                    reason: e.to_string(),
+                })?;
+        Ok(Self {
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_token_ids,
+        })
+    }
+
     /// Loads tokenizer.json, tokenizer_config.json (chat template, special tokens) and
     /// generation_config.json (EOS ids) from a Hugging Face folder.
     pub fn from_hf_dir(dir: &Path, config_eos: &[u32]) -> Result<Self> {

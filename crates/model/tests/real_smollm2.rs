@@ -95,3 +95,47 @@ fn smollm2_answers_paris_quantized_and_dequantized() {
         assert!(text.contains("Paris"), "{quant:?}: {text:?}");
     }
 }
+
+/// Teacher-forced on a fixed text: the quantized model's top-1 token equals the dequantized
+/// (f32) model's on at least 95% of positions.
+#[test]
+fn smollm2_quantized_agrees_with_dequantized() {
+    let Some(path) = smollm2() else { return };
+    let load = |quant| {
+        Model::load(
+            &path,
+            &LoadOptions {
+                quant,
+                max_context: Some(1024),
+            },
+        )
+        .unwrap()
+    };
+    let q = load(QuantMode::Quantized);
+    let f = load(QuantMode::Dequantized);
+    let text = "The history of the Roman Empire spans more than a thousand years. It began when \
+        Augustus became the first emperor in 27 BC, after a century of civil wars had weakened \
+        the Republic. At its height the empire stretched from Britain to Egypt, and its roads, \
+        laws and language shaped Europe long after the western half fell in 476 AD. The eastern \
+        half, with its capital at Constantinople, lasted until 1453. def fibonacci(n):\n    \
+        if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n";
+    let ids = q.text.encode(text, false).unwrap();
+    assert!(ids.len() > 100);
+    let argmax = |row: &Vec<f32>| {
+        row.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap()
+    };
+    let lq = q.transformer.score(&ids).unwrap();
+    let lf = f.transformer.score(&ids).unwrap();
+    let same = lq
+        .iter()
+        .zip(&lf)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    let frac = same as f64 / ids.len() as f64;
+    eprintln!("top-1 agreement {same}/{} = {frac:.3}", ids.len());
+    assert!(frac >= 0.95, "top-1 agreement {frac:.3} < 0.95");
+}

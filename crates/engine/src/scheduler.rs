@@ -1,0 +1,462 @@
+//! Continuous batching (iteration-level scheduling, as in Orca): one thread owns the model, the KV
+//! cache and every sequence's state; requests join the running batch at any step and leave the
+//! step they finish or are cancelled, their KV slot freed at once. Each step packs decode tokens
+//! first (one per running sequence, so running streams never stall) and fills the rest of the
+//! token budget with prompt chunks (chunked prefill).
+//!
+//! The rest of the program talks to the thread through a command channel; each request gets its
+//! own event channel back. No locks are shared with callers; counters are atomics.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tandem_model::{KvCache, Model, SeqInput, SlotId, TextModel, Transformer};
+use tokio::sync::mpsc;
+
+use crate::detokenize::IncrementalDecoder;
+use crate::request::{EngineError, Event, Request, TokenEvent, Usage};
+use crate::sampling::Sampler;
+use crate::stopping::{FinishReason, StopChecker};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most tokens (decode + prefill) in one forward.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once (each holds a KV slot).
+    pub max_running: usize,
+    /// Most requests waiting to start; beyond it `submit` refuses with `QueueFull`.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 256,
+            max_running: 32,
+            max_waiting: 256,
+        }
+    }
+}
+
+/// Live numbers for routing (`Load`) and metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_tokens: AtomicUsize,
+    pub kv_bytes: AtomicUsize,
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    pub cancelled: AtomicU64,
+}
+
+enum Command {
+    Submit(Box<Pending>),
+    Cancel(u64),
+}
+
+struct Pending {
+    id: u64,
+    req: Request,
+    events: mpsc::UnboundedSender<Event>,
+    queued_at: Instant,
+}
+
+/// A submitted request: its event stream. Dropping it cancels the request and frees its KV.
+pub struct Generation {
+    pub id: u64,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    commands: std_mpsc::Sender<Command>,
+}
+
+impl Generation {
+    /// Blocking convenience for tests and tools: waits for the whole result.
+    pub fn collect_blocking(
+        mut self,
+    ) -> Result<(Vec<TokenEvent>, FinishReason, Usage), EngineError> {
+        let mut tokens = Vec::new();
+        while let Some(ev) = self.events.blocking_recv() {
+            match ev {
+                Event::Token(t) => tokens.push(t),
+                Event::Finished { reason, usage, .. } => return Ok((tokens, reason, usage)),
+                Event::Error(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Ignored when the engine is gone or the request already finished.
+        let _ = self.commands.send(Command::Cancel(self.id));
+    }
+}
+
+/// The handle the services hold. Cloning is cheap; the engine thread stops when every handle
+/// (and every `Generation`) is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    commands: std_mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+    text: TextModel,
+    max_context: usize,
+    vocab_size: usize,
+    cfg: EngineConfig,
+    next_id: Arc<AtomicU64>,
+    _thread: Arc<ThreadGuard>,
+}
+
+struct ThreadGuard(Option<JoinHandle<()>>);
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        // The thread exits once all senders are gone; don't block a dropping runtime on it.
+        drop(self.0.take());
+    }
+}
+
+impl Engine {
+    pub fn start(model: Model, cfg: EngineConfig) -> Engine {
+        let (tx, rx) = std_mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let text = model.text.clone();
+        let max_context = model.transformer.max_context();
+        let vocab_size = model.transformer.config().vocab_size;
+        let mut sched = Scheduler::new(model.transformer, text.clone(), cfg.clone(), stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("tandem-engine".into())
+            .spawn(move || sched.run(rx))
+            .ok();
+        Engine {
+            commands: tx,
+            stats,
+            text,
+            max_context,
+            vocab_size,
+            cfg,
+            next_id: Arc::new(AtomicU64::new(1)),
+            _thread: Arc::new(ThreadGuard(thread)),
+        }
+    }
+
+    pub fn text(&self) -> &TextModel {
+        &self.text
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Validates and queues a request. Refuses at once (nothing queued) on bad input, a prompt
+    /// that does not fit the context, or a full queue.
+    pub fn submit(&self, req: Request) -> Result<Generation, EngineError> {
+        req.validate(self.max_context, self.vocab_size)?;
+        // Reserve the queue place before sending, so concurrent submits can't overshoot.
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.cfg.max_waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull {
+                limit: self.cfg.max_waiting,
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = mpsc::unbounded_channel();
+        let pending = Pending {
+            id,
+            req,
+            events: etx,
+            queued_at: Instant::now(),
+        };
+        if self
+            .commands
+            .send(Command::Submit(Box::new(pending)))
+            .is_err()
+        {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
+        Ok(Generation {
+            id,
+            events: erx,
+            commands: self.commands.clone(),
+        })
+    }
+}
+
+struct Running {
+    id: u64,
+    slot: SlotId,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens already in the KV cache.
+    cached: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopChecker,
+    events: mpsc::UnboundedSender<Event>,
+    queued_at: Instant,
+    first_token_at: Option<Instant>,
+}
+
+struct Scheduler {
+    model: Transformer,
+    kv: KvCache,
+    text: TextModel,
+    cfg: EngineConfig,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Pending>,
+    running: Vec<Running>,
+}
+
+impl Scheduler {
+    fn new(
+        model: Transformer,
+        text: TextModel,
+        cfg: EngineConfig,
+        stats: Arc<EngineStats>,
+    ) -> Self {
+        let kv = model.new_cache();
+        Self {
+            model,
+            kv,
+            text,
+            cfg,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, rx: std_mpsc::Receiver<Command>) {
+        loop {
+            if self.waiting.is_empty() && self.running.is_empty() {
+                // Idle: block until work arrives; exit when every handle is gone.
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(p) => self.waiting.push_back(*p),
+            Command::Cancel(id) => {
+                if let Some(i) = self.waiting.iter().position(|p| p.id == id) {
+                    self.waiting.remove(i);
+                    self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(i) = self.running.iter().position(|r| r.id == id) {
+                    let r = self.running.swap_remove(i);
+                    self.kv.free(r.slot);
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            if p.events.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let tail_start = p.req.prompt.len().saturating_sub(8);
+            let decoder =
+                IncrementalDecoder::new(self.text.tokenizer.clone(), &p.req.prompt[tail_start..]);
+            let mut stop = p.req.stop.clone();
+            if !p.req.ignore_eos {
+                stop.eos_ids.extend(&self.text.eos_token_ids);
+            }
+            self.stats
+                .prompt_tokens
+                .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
+            self.running.push(Running {
+                id: p.id,
+                slot: self.kv.allocate(),
+                prompt_len: p.req.prompt.len(),
+                cached: 0,
+                sampler: Sampler::new(p.req.sampling.clone(), &p.req.prompt),
+                decoder,
+                stop: StopChecker::new(stop),
+                tokens: p.req.prompt,
+                events: p.events,
+                queued_at: p.queued_at,
+                first_token_at: None,
+            });
+        }
+    }
+
+    /// One forward over the running batch, then sampling and events.
+    fn step(&mut self) {
+        // Decode tokens first: every sequence past its prompt advances by one.
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
+        for (i, r) in self.running.iter().enumerate() {
+            if r.cached + 1 == r.tokens.len() && budget > 0 {
+                plan.push((i, 1));
+                budget -= 1;
+            }
+        }
+        // Then prompt chunks, oldest first, within what is left of the budget.
+        for (i, r) in self.running.iter().enumerate() {
+            let left = r.tokens.len() - r.cached;
+            if left > 1 && budget > 0 {
+                let n = left.min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let batch: Vec<SeqInput<'_>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let r = &self.running[i];
+                SeqInput {
+                    slot: r.slot,
+                    tokens: &r.tokens[r.cached..r.cached + n],
+                    all_logits: false,
+                }
+            })
+            .collect();
+        let result = self
+            .model
+            .forward(&mut self.kv, &batch)
+            .and_then(|l| l.to_vecs());
+        drop(batch);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed forward must not hang anyone: fail the sequences of this step.
+                tracing::error!(error = %e, "forward failed; failing the step's sequences");
+                let mut ids: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                ids.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
+                for i in ids {
+                    let r = self.running.swap_remove(i);
+                    self.kv.free(r.slot);
+                    let _ = r
+                        .events
+                        .send(Event::Error(EngineError::Model(e.to_string())));
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (&(i, n), rows) in plan.iter().zip(logits) {
+            let r = &mut self.running[i];
+            r.cached += n;
+            if r.cached < r.tokens.len() {
+                continue; // prompt chunk, more to come
+            }
+            let Some(row) = rows.last() else { continue };
+            if let Some(done) = Self::emit(r, row, &self.stats) {
+                finished.push((i, done));
+            } else if r.events.is_closed() {
+                finished.push((i, None));
+            }
+        }
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, _) in finished {
+            let r = self.running.swap_remove(i);
+            self.kv.free(r.slot);
+        }
+    }
+
+    /// Samples one token for `r`, sends its event; returns `Some` when the sequence is done.
+    fn emit(r: &mut Running, logits: &[f32], stats: &EngineStats) -> Option<Option<FinishReason>> {
+        let s = r.sampler.sample(logits);
+        r.tokens.push(s.token);
+        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        r.first_token_at.get_or_insert(now);
+        let delta = match r.decoder.push(s.token) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = r
+                    .events
+                    .send(Event::Error(EngineError::Detokenize(e.to_string())));
+                return Some(None);
+            }
+        };
+        // Requests are validated to fit the context, so max_new_tokens ends them in time.
+        let mut step = r.stop.push(s.token, &delta);
+        if step.finish == Some(FinishReason::Length) {
+            // Release what was held back as a possible stop string, then any partial character.
+            step.text.push_str(&r.stop.flush());
+            if let Ok(rest) = r.decoder.finish() {
+                step.text.push_str(&rest);
+            }
+        }
+        let ev = TokenEvent {
+            token: s.token,
+            text: step.text,
+            logprob: s.logprob,
+            top_logprobs: s.top,
+        };
+        if r.events.send(Event::Token(ev)).is_err() {
+            return Some(None);
+        }
+        let reason = step.finish?;
+        let usage = Usage {
+            prompt_tokens: r.prompt_len,
+            completion_tokens: r.tokens.len() - r.prompt_len,
+            queue_ms: r
+                .first_token_at
+                .map(|t| t.duration_since(r.queued_at).as_secs_f64() * 1e3)
+                .unwrap_or_default(),
+        };
+        let _ = r.events.send(Event::Finished {
+            reason,
+            usage,
+            total_ms: now.duration_since(r.queued_at).as_secs_f64() * 1e3,
+        });
+        Some(Some(reason))
+    }
+
+    fn publish_stats(&self) {
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .kv_tokens
+            .store(self.kv.tokens_in_use(), Ordering::Relaxed);
+        self.stats
+            .kv_bytes
+            .store(self.kv.bytes_reserved(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,306 @@
+//! Continuous batching on a tiny testkit model: batched output equals each sequence alone,
+//! sequences joining and leaving mid-flight don't disturb the others, KV is freed, the queue is
+//! bounded, and bad requests are refused with the field and the limit.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tandem_engine::{
+    Engine, EngineConfig, EngineError, Event, FinishReason, Request, SamplingParams, StopCriteria,
+};
+use tandem_model::{LoadOptions, Model};
+use tandem_testkit::{tiny_model, TinyConfig, TinyModel};
+
+fn engine(tiny: &TinyModel, cfg: EngineConfig) -> Engine {
+    Engine::start(
+        Model::load(&tiny.dir, &LoadOptions::default()).unwrap(),
+        cfg,
+    )
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..8u32)
+        .map(|i| {
+            (0..(3 + 5 * i))
+                .map(|j| (i * 31 + j * 7 + 1) % 300)
+                .collect()
+        })
+        .collect()
+}
+
+fn greedy(prompt: Vec<u32>, max_new: usize) -> Request {
+    Request {
+        prompt,
+        sampling: SamplingParams::default(),
+        stop: StopCriteria {
+            max_new_tokens: max_new,
+            ..Default::default()
+        },
+        ignore_eos: false,
+    }
+}
+
+fn tokens(e: &Engine, req: Request) -> Vec<u32> {
+    let (toks, _, _) = e.submit(req).unwrap().collect_blocking().unwrap();
+    toks.into_iter().map(|t| t.token).collect()
+}
+
+/// Each prompt run alone, one at a time.
+fn alone(tiny: &TinyModel, max_new: usize) -> Vec<Vec<u32>> {
+    let e = engine(tiny, EngineConfig::default());
+    prompts()
+        .into_iter()
+        .map(|p| tokens(&e, greedy(p, max_new)))
+        .collect()
+}
+
+#[test]
+fn eight_batched_equal_each_alone() {
+    for cfg in [TinyConfig::llama(), TinyConfig::qwen2()] {
+        let tiny = tiny_model(&cfg).unwrap();
+        let want = alone(&tiny, 24);
+        // A small token budget forces chunked prefill mixed with decodes.
+        let e = engine(
+            &tiny,
+            EngineConfig {
+                max_batch_tokens: 16,
+                ..Default::default()
+            },
+        );
+        let gens: Vec<_> = prompts()
+            .into_iter()
+            .map(|p| e.submit(greedy(p, 24)).unwrap())
+            .collect();
+        let got: Vec<Vec<u32>> = gens
+            .into_iter()
+            .map(|g| {
+                let (t, _, _) = g.collect_blocking().unwrap();
+                t.into_iter().map(|t| t.token).collect()
+            })
+            .collect();
+        assert_eq!(got, want, "{:?}", cfg.arch);
+        assert!(e.stats().steps.load(std::sync::atomic::Ordering::Relaxed) < 8 * 30);
+    }
+}
+
+#[test]
+fn joining_and_cancelling_mid_flight_leave_others_unchanged() {
+    let tiny = tiny_model(&TinyConfig::llama()).unwrap();
+    let want = alone(&tiny, 40);
+    let e = engine(&tiny, EngineConfig::default());
+    let ps = prompts();
+    // The one to cancel (index 1) asks for many tokens, so it is surely still running.
+    let mut first: Vec<_> = ps[..4]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let req = if i == 1 {
+                Request {
+                    ignore_eos: true,
+                    ..greedy(p.clone(), 450)
+                }
+            } else {
+                greedy(p.clone(), 40)
+            };
+            e.submit(req).unwrap()
+        })
+        .collect();
+    // Wait for a few tokens of the first four, then add two more and cancel one.
+    let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 4];
+    for (i, g) in first.iter_mut().enumerate() {
+        for _ in 0..5 {
+            match g.events.blocking_recv().unwrap() {
+                Event::Token(t) => seen[i].push(t.token),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let late: Vec<_> = ps[4..6]
+        .iter()
+        .map(|p| e.submit(greedy(p.clone(), 40)).unwrap())
+        .collect();
+    let cancelled = first.remove(1);
+    drop(cancelled);
+    seen.remove(1);
+    for (g, mut got) in first.into_iter().zip(seen) {
+        let (rest, reason, _) = g.collect_blocking().unwrap();
+        got.extend(rest.into_iter().map(|t| t.token));
+        assert_eq!(reason, FinishReason::Length);
+        assert!(want.contains(&got));
+    }
+    for (i, g) in late.into_iter().enumerate() {
+        let (t, _, _) = g.collect_blocking().unwrap();
+        let got: Vec<u32> = t.into_iter().map(|t| t.token).collect();
+        assert_eq!(got, want[4 + i]);
+    }
+    // Every slot is free again once the engine has seen the last step.
+    let stats = e.stats();
+    for _ in 0..100 {
+        if stats.kv_tokens.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        stats.kv_tokens.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(stats.running.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(stats.cancelled.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn queue_is_bounded_and_bad_requests_are_refused() {
+    let tiny = tiny_model(&TinyConfig::llama()).unwrap();
+    let e = engine(
+        &tiny,
+        EngineConfig {
+            max_running: 1,
+            max_waiting: 2,
+            max_batch_tokens: 64,
+        },
+    );
+    // Long requests so the queue stays full while we submit.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for p in prompts() {
+        let long = Request {
+            ignore_eos: true,
+            ..greedy(p, 400)
+        };
+        match e.submit(long) {
+            Ok(g) => held.push(g),
+            Err(EngineError::QueueFull { limit }) => {
+                assert_eq!(limit, 2);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(refused >= 4, "refused {refused}");
+    drop(held);
+    // Cancellation is processed by the engine thread between steps.
+    for _ in 0..500 {
+        if e.stats().waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let ctx = e.max_context();
+    let cases: Vec<(Request, &str)> = vec![
+        (greedy(vec![], 4), "prompt"),
+        (greedy(vec![1, 100_000], 4), "prompt"),
+        (greedy(vec![1], 0), "max_new_tokens"),
+        (greedy(vec![1; ctx], 4), "context"),
+        (
+            Request {
+                sampling: SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                ..greedy(vec![1], 4)
+            },
+            "temperature",
+        ),
+        (
+            Request {
+                sampling: SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                ..greedy(vec![1], 4)
+            },
+            "top_p",
+        ),
+        (
+            Request {
+                stop: StopCriteria {
+                    max_new_tokens: 4,
+                    stop_strings: vec!["x".into(); 9],
+                    ..Default::default()
+                },
+                ..greedy(vec![1], 4)
+            },
+            "stop",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = e.submit(req).err().unwrap();
+        assert!(err.to_string().contains(field), "{err} should name {field}");
+    }
+    // And it still serves.
+    assert_eq!(tokens(&e, greedy(vec![1, 2, 3], 3)).len(), 3);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let tiny = tiny_model(&TinyConfig::qwen2()).unwrap();
+    let e = engine(&tiny, EngineConfig::default());
+    let req = |seed| Request {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..Default::default()
+        },
+        ..greedy(vec![5, 6, 7, 8], 32)
+    };
+    let a = tokens(&e, req(42));
+    let b = tokens(&e, req(42));
+    let c = tokens(&e, req(43));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn stop_strings_and_eos_end_generation() {
+    let tiny = tiny_model(&TinyConfig::llama()).unwrap();
+    let e = engine(&tiny, EngineConfig::default());
+    let text = e.text().clone();
+    let prompt = text.encode("the cat and the dog", false).unwrap();
+    let (full, _, _) = e
+        .submit(greedy(prompt.clone(), 30))
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    let full_text: String = full.iter().map(|t| t.text.as_str()).collect();
+    let all_ids: Vec<u32> = full.iter().map(|t| t.token).collect();
+    assert_eq!(full_text, text.decode(&all_ids).unwrap());
+    // Stop on a piece of the text greedy produces: output is everything before it.
+    let chars: Vec<char> = full_text.chars().collect();
+    if chars.len() >= 6 {
+        let stop: String = chars[3..5].iter().collect();
+        let cut = full_text.find(&stop).unwrap();
+        let (got, reason, _) = e
+            .submit(Request {
+                stop: StopCriteria {
+                    max_new_tokens: 30,
+                    stop_strings: vec![stop],
+                    ..Default::default()
+                },
+                ..greedy(prompt.clone(), 30)
+            })
+            .unwrap()
+            .collect_blocking()
+            .unwrap();
+        assert_eq!(reason, FinishReason::StopString);
+        let got: String = got.iter().map(|t| t.text.as_str()).collect();
+        assert_eq!(got, full_text[..cut]);
+    }
+    // A stop token id: the first generated token.
+    let (got, reason, _) = e
+        .submit(Request {
+            stop: StopCriteria {
+                max_new_tokens: 30,
+                stop_token_ids: vec![all_ids[2]],
+                ..Default::default()
+            },
+            ..greedy(prompt, 30)
+        })
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert_eq!(reason, FinishReason::StopToken);
+    assert!(got.len() <= 3);
+}
