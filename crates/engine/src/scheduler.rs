@@ -247,6 +247,10 @@ impl Scheduler {
     }
 
     fn run(&mut self, rx: std_mpsc::Receiver<Command>) {
+        // Requests sent meanwhile wait in the channel.
+        if let Err(e) = self.model.warm_up() {
+            tracing::warn!(error = %e, "warm-up forward failed");
+        }
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
                 // Idle: block until work arrives; exit when every handle is gone.
@@ -391,9 +395,13 @@ impl Scheduler {
             }
         }
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, _) in finished {
+        for (i, reason) in finished {
             let r = self.running.swap_remove(i);
             self.kv.free(r.slot);
+            if reason.is_none() {
+                // The client went away (its receiver is gone): that is a cancellation too.
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -395,6 +395,13 @@ impl Transformer {
         Ok(BatchLogits { logits, rows })
     }
 
+    /// One small forward in a throwaway slot. candle packs quantized weights for its fast
+    /// kernels lazily, on first use; doing it at startup keeps it off the first request's latency.
+    pub fn warm_up(&self) -> Result<()> {
+        let tokens: Vec<u32> = (0..8).map(|i| i % self.cfg.vocab_size as u32).collect();
+        self.score(&tokens).map(|_| ())
+    }
+
     /// Convenience for tests and scoring: logits of every position of `tokens` in a fresh slot.
     pub fn score(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut kv = self.new_cache();

@@ -105,9 +105,11 @@ impl WeightSource {
                         want: vec![vocab, hidden],
                     });
                 }
-                match g.mode {
-                    QuantMode::Dequantized => Ok(Embedding::Dense(q.dequantize(&Device::Cpu)?)),
-                    QuantMode::Quantized => Ok(Embedding::Quantized(Arc::new(q))),
+                // Through the same conversion as the linears: with tied embeddings this weight
+                // is also the LM head, the largest matmul of a small model.
+                match g.to_linear_weight(q)? {
+                    LinearWeight::Dense(w) => Ok(Embedding::Dense(w)),
+                    LinearWeight::Quantized(q) => Ok(Embedding::Quantized(q)),
                 }
             }
         }

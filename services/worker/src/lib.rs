@@ -1,0 +1,374 @@
+//! The worker service: serves the shard API (`tandem.shard.v1.Shard`) over the engine's
+//! continuous batching.
+//!
+//! Life of a worker: the gRPC port binds at once and reports NOT_SERVING while the model loads
+//! on a blocking thread; once loaded it reports SERVING. On shutdown it reports NOT_SERVING,
+//! refuses new `Generate` calls with UNAVAILABLE, lets running streams finish for up to
+//! `drain_grace`, stops whatever is left, and exits.
+
+mod metrics;
+mod request;
+mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tandem_engine::{Engine, EngineConfig, Request, SamplingParams, StopCriteria};
+use tandem_model::{LoadOptions, Model, QuantMode};
+use tandem_proto::shard::v1::shard_server::{ShardServer, SERVICE_NAME as SHARD_SERVICE};
+use tandem_runtime::{
+    health_service, reflection_v1, reflection_v1alpha, set_health, spawn_metrics_server, Drain,
+    HealthReporter, MetricsRegistry, ServingStatus,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+pub use request::{GenerateError, DEFAULT_MAX_NEW_TOKENS};
+
+use crate::metrics::WorkerMetrics;
+use crate::service::{ShardService, Shared};
+
+/// Responses may be larger than requests: a 150k-token vocabulary's tokenizer.json is ~7 MB.
+const MIN_RESPONSE_LIMIT: usize = 64 << 20;
+
+/// Everything a worker needs, built once (flags, env, file) and passed by value.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// A Hugging Face model folder or a `.gguf` file.
+    pub model: PathBuf,
+    /// The name the worker reports in `Info`; default: the model path's file stem.
+    pub model_name: Option<String>,
+    /// gRPC address; port 0 picks a free port (see [`WorkerHandle::addr`]).
+    pub listen: SocketAddr,
+    /// Prometheus endpoint (`/metrics`, `/healthz`); `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
+    pub quant: QuantMode,
+    /// Cap on the context below the model's own limit.
+    pub max_context: Option<usize>,
+    pub engine: EngineConfig,
+    /// Largest `max_new_tokens` a request may ask for.
+    pub max_new_tokens_limit: usize,
+    /// Largest request message accepted (responses may be larger; see `Tokenizer`).
+    pub max_message_bytes: usize,
+    /// HTTP/2 concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// How long running streams may take to finish once shutdown begins.
+    pub drain_grace: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(model: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        Self {
+            model: model.into(),
+            model_name: None,
+            listen,
+            metrics_listen: None,
+            quant: QuantMode::default(),
+            max_context: None,
+            engine: EngineConfig::default(),
+            max_new_tokens_limit: 4096,
+            max_message_bytes: 4 << 20,
+            max_concurrent_streams: 1024,
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// `model_name`, or the model path's file stem.
+    pub fn resolved_model_name(&self) -> String {
+        self.model_name.clone().unwrap_or_else(|| {
+            self.model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".to_string())
+        })
+    }
+}
+
+/// The loaded model, shared by the handlers.
+pub(crate) struct Loaded {
+    pub engine: Engine,
+    pub model_name: String,
+    /// Computed once: hashing a 150k vocabulary per `Info` call would be wasted work.
+    pub vocab_hash: String,
+    pub tokenizer_json: Result<String, String>,
+}
+
+#[derive(Debug, Clone)]
+enum LoadState {
+    Loading,
+    Ready,
+    Failed(String),
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    /// The bound gRPC address (the real port when `listen` asked for port 0).
+    pub addr: SocketAddr,
+    /// The bound metrics address, when serving metrics.
+    pub metrics_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    state: watch::Receiver<LoadState>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl WorkerHandle {
+    /// Starts the graceful shutdown (NOT_SERVING, refuse new work, drain, exit) and returns at
+    /// once; [`WorkerHandle::join`] waits for it to finish.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Waits until the model has loaded and the worker reports SERVING; errors if loading failed.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        let mut rx = self.state.clone();
+        let state = rx
+            .wait_for(|s| !matches!(s, LoadState::Loading))
+            .await
+            .map(|s| s.clone())
+            .map_err(|_| anyhow::anyhow!("the worker stopped while loading the model"))?;
+        match state {
+            LoadState::Failed(e) => Err(anyhow::anyhow!(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for the worker to exit: after [`WorkerHandle::shutdown`], a failed model load, or a
+    /// server failure.
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.task.await.context("the worker task panicked")?
+    }
+}
+
+/// Runs a worker until `shutdown` resolves (e.g. [`tandem_runtime::shutdown_signal`]), then
+/// drains and returns.
+pub async fn serve(
+    cfg: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut handle = spawn(cfg).await?;
+    tokio::select! {
+        r = &mut handle.task => return r.context("the worker task panicked")?,
+        () = shutdown => handle.shutdown(),
+    }
+    handle.join().await
+}
+
+/// Binds the gRPC (and metrics) ports, starts loading the model in the background and serves.
+/// Returns once the ports are bound.
+pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the gRPC port {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+
+    let registry = MetricsRegistry::new();
+    let loaded = Arc::new(OnceLock::new());
+    let metrics = WorkerMetrics::new(&registry, loaded.clone());
+    let metrics_server = match cfg.metrics_listen {
+        Some(a) => Some(spawn_metrics_server(a, registry).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_server.as_ref().map(|(a, _)| *a);
+
+    let drain = Drain::new();
+    let shared = Arc::new(Shared::new(
+        loaded.clone(),
+        drain.clone(),
+        metrics,
+        cfg.max_new_tokens_limit,
+    ));
+    let (health, health_svc) = health_service(&[SHARD_SERVICE]).await;
+    let shard = ShardServer::new(ShardService::new(shared))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes.max(MIN_RESPONSE_LIMIT));
+    let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
+    let router = Server::builder()
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_svc)
+        .add_service(reflection_v1(&[SHARD_SERVICE])?)
+        .add_service(reflection_v1alpha(&[SHARD_SERVICE])?)
+        .add_service(shard);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = server_stop_rx.await;
+    }));
+    tracing::info!(%addr, model = %cfg.model.display(), "worker listening; loading the model");
+
+    let (state_tx, state_rx) = watch::channel(LoadState::Loading);
+    let loader = tokio::spawn(load(cfg.clone(), loaded));
+
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(supervise(Supervisor {
+        health,
+        drain,
+        grace: cfg.drain_grace,
+        stop: stop_rx,
+        loader,
+        state: state_tx,
+        server,
+        server_stop: server_stop_tx,
+        metrics_task: metrics_server.map(|(_, t)| t),
+    }));
+    Ok(WorkerHandle {
+        addr,
+        metrics_addr,
+        stop,
+        state: state_rx,
+        task,
+    })
+}
+
+/// Loads the model on a blocking thread; `Ready` once `loaded` is set.
+async fn load(cfg: WorkerConfig, loaded: Arc<OnceLock<Loaded>>) -> LoadState {
+    let started = Instant::now();
+    let res = tokio::task::spawn_blocking(move || load_blocking(&cfg)).await;
+    match res {
+        Ok(Ok(l)) => {
+            tracing::info!(
+                model = %l.model_name,
+                context = l.engine.max_context(),
+                vocab = l.engine.vocab_size(),
+                load_s = started.elapsed().as_secs_f64(),
+                "model loaded"
+            );
+            // Set once, here; nothing else writes it.
+            let _ = loaded.set(l);
+            LoadState::Ready
+        }
+        Ok(Err(e)) => LoadState::Failed(format!("{e:#}")),
+        Err(e) => LoadState::Failed(format!("loading the model panicked: {e}")),
+    }
+}
+
+fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
+    let opts = LoadOptions {
+        quant: cfg.quant,
+        max_context: cfg.max_context,
+    };
+    let model = Model::load(&cfg.model, &opts)
+        .with_context(|| format!("loading the model {}", cfg.model.display()))?;
+    let engine = Engine::start(model, cfg.engine.clone());
+    let text = engine.text();
+    let loaded = Loaded {
+        model_name: cfg.resolved_model_name(),
+        vocab_hash: text.vocab_hash(),
+        tokenizer_json: text.tokenizer_json().map_err(|e| e.to_string()),
+        engine,
+    };
+    warm_up(&loaded.engine);
+    Ok(loaded)
+}
+
+/// One tiny generation before reporting SERVING: candle prepares some weights lazily on the first
+/// forward (seconds on a real model), which would otherwise land on the first user's request.
+fn warm_up(engine: &Engine) {
+    let req = Request {
+        prompt: vec![0],
+        sampling: SamplingParams::default(),
+        stop: StopCriteria {
+            max_new_tokens: 1,
+            ..Default::default()
+        },
+        ignore_eos: true,
+    };
+    let started = Instant::now();
+    match engine.submit(req).and_then(|g| g.collect_blocking()) {
+        Ok(_) => tracing::debug!(ms = started.elapsed().as_millis() as u64, "warm-up done"),
+        Err(e) => tracing::warn!(error = %e, "warm-up generation failed"),
+    }
+}
+
+struct Supervisor {
+    health: HealthReporter,
+    drain: Drain,
+    grace: Duration,
+    stop: watch::Receiver<bool>,
+    loader: JoinHandle<LoadState>,
+    /// Published here, after the health change, so `ready()` implies SERVING.
+    state: watch::Sender<LoadState>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    server_stop: oneshot::Sender<()>,
+    metrics_task: Option<JoinHandle<()>>,
+}
+
+/// Owns the worker's lifecycle, so health changes happen in one order: NOT_SERVING → SERVING
+/// (loaded) → NOT_SERVING (shutdown).
+async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
+    let mut load_error = None;
+    let mut server_done = None;
+    let mut stop = s.stop.clone();
+    enum First {
+        Stop,
+        Loaded(LoadState),
+        ServerExited(Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>),
+    }
+    let first = tokio::select! {
+        _ = stop.wait_for(|v| *v) => First::Stop,
+        st = &mut s.loader => First::Loaded(st.unwrap_or_else(|e| {
+            LoadState::Failed(format!("the model loader failed: {e}"))
+        })),
+        r = &mut s.server => First::ServerExited(r),
+    };
+    match first {
+        First::Stop => {}
+        First::ServerExited(r) => server_done = Some(r),
+        First::Loaded(LoadState::Failed(e)) => {
+            tracing::error!(error = %e, "model load failed; shutting down");
+            s.state.send_replace(LoadState::Failed(e.clone()));
+            load_error = Some(e);
+        }
+        First::Loaded(_) => {
+            set_health(&s.health, &[SHARD_SERVICE], ServingStatus::Serving).await;
+            s.state.send_replace(LoadState::Ready);
+            tracing::info!("serving");
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => {}
+                r = &mut s.server => server_done = Some(r),
+            }
+        }
+    }
+
+    set_health(&s.health, &[SHARD_SERVICE], ServingStatus::NotServing).await;
+    if server_done.is_none() {
+        tracing::info!(
+            in_flight = s.drain.in_flight(),
+            grace_s = s.grace.as_secs_f64(),
+            "draining"
+        );
+        let left = s.drain.drain(s.grace).await;
+        tracing::info!(stopped_early = left, "drained; stopping the server");
+        let _ = s.server_stop.send(());
+        // Streams have ended by now; idle connections close at once. Don't hang on a peer that
+        // never acknowledges the GOAWAY.
+        match tokio::time::timeout(Duration::from_secs(5), &mut s.server).await {
+            Ok(r) => server_done = Some(r),
+            Err(_) => {
+                tracing::warn!("server did not stop within 5 s; aborting it");
+                s.server.abort();
+            }
+        }
+    } else {
+        s.drain.start();
+    }
+    if let Some(t) = s.metrics_task.take() {
+        t.abort();
+    }
+    if let Some(e) = load_error {
+        anyhow::bail!(e);
+    }
+    match server_done {
+        Some(Ok(Err(e))) => Err(anyhow::Error::new(e).context("the gRPC server failed")),
+        Some(Err(e)) => Err(anyhow::Error::new(e).context("the gRPC server task panicked")),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,203 @@
+//! The worker's Prometheus metrics. Request outcomes and latencies are recorded by the handlers;
+//! queue, batch and KV numbers are read from the engine's atomics at scrape time, so they are
+//! never stale and nothing polls the engine in between.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use tandem_runtime::{latency_buckets, token_count_buckets, MetricsRegistry};
+use tonic::Code;
+
+use crate::Loaded;
+
+type CodeLabel = [(&'static str, &'static str); 1];
+
+#[derive(Debug)]
+pub(crate) struct WorkerMetrics {
+    requests: Family<CodeLabel, Counter>,
+    cancelled: Counter,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+    request_duration: Histogram,
+    output_tokens: Histogram,
+}
+
+impl WorkerMetrics {
+    pub fn new(registry: &MetricsRegistry, loaded: Arc<OnceLock<Loaded>>) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            cancelled: Counter::default(),
+            time_to_first_token: Histogram::new(latency_buckets()),
+            inter_token_latency: Histogram::new(latency_buckets()),
+            request_duration: Histogram::new(latency_buckets()),
+            output_tokens: Histogram::new(token_count_buckets()),
+        };
+        registry.register(
+            "tandem_worker_requests",
+            "Generate requests by final gRPC status code.",
+            m.requests.clone(),
+        );
+        registry.register(
+            "tandem_worker_cancelled_sequences",
+            "Sequences dropped before they finished (client gone, deadline, Abort, drain expiry); \
+             each freed its KV at once.",
+            m.cancelled.clone(),
+        );
+        registry.register(
+            "tandem_worker_time_to_first_token_seconds",
+            "From receiving a Generate request to its first token.",
+            m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "tandem_worker_inter_token_latency_seconds",
+            "Time between consecutive output tokens of a sequence.",
+            m.inter_token_latency.clone(),
+        );
+        registry.register(
+            "tandem_worker_request_duration_seconds",
+            "End-to-end time of Generate requests that completed.",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "tandem_worker_output_tokens",
+            "Output tokens per completed Generate request.",
+            m.output_tokens.clone(),
+        );
+        registry.register_collector(Box::new(EngineCollector { loaded }));
+        m
+    }
+
+    pub fn request_done(&self, code: Code) {
+        self.requests
+            .get_or_create(&[("code", code_name(code))])
+            .inc();
+    }
+
+    pub fn cancelled(&self) {
+        self.cancelled.inc();
+    }
+
+    pub fn first_token(&self, d: Duration) {
+        self.time_to_first_token.observe(d.as_secs_f64());
+    }
+
+    pub fn inter_token(&self, d: Duration) {
+        self.inter_token_latency.observe(d.as_secs_f64());
+    }
+
+    pub fn completed(&self, d: Duration, output_tokens: u32) {
+        self.request_duration.observe(d.as_secs_f64());
+        self.output_tokens.observe(f64::from(output_tokens));
+    }
+}
+
+/// The canonical upper-case names (as in grpc-go and the gRPC docs), stable label values.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Reads the engine's counters on each scrape; zeros until the model has loaded, so every
+/// series exists from the first scrape.
+struct EngineCollector {
+    loaded: Arc<OnceLock<Loaded>>,
+}
+
+impl std::fmt::Debug for EngineCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineCollector")
+            .field("loaded", &self.loaded.get().is_some())
+            .finish()
+    }
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let engine = self.loaded.get().map(|l| &l.engine);
+        let stats = engine.map(|e| e.stats());
+        let gauge = |v: Option<usize>| ConstGauge::new(v.unwrap_or(0) as i64);
+        let gauges = [
+            (
+                "tandem_worker_model_loaded",
+                "1 once the model has loaded and the worker serves.",
+                gauge(engine.map(|_| 1)),
+            ),
+            (
+                "tandem_worker_waiting_sequences",
+                "Requests queued, not yet running.",
+                gauge(stats.map(|s| s.waiting.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_running_sequences",
+                "Sequences in the running batch (each holds a KV slot).",
+                gauge(stats.map(|s| s.running.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_max_running_sequences",
+                "Most sequences the engine runs at once.",
+                gauge(engine.map(|e| e.config().max_running)),
+            ),
+            (
+                "tandem_worker_kv_tokens",
+                "Cached positions over all sequences.",
+                gauge(stats.map(|s| s.kv_tokens.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_kv_bytes",
+                "Bytes reserved for the KV cache.",
+                gauge(stats.map(|s| s.kv_bytes.load(Relaxed))),
+            ),
+        ];
+        for (name, help, g) in gauges {
+            let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)?;
+        }
+        let counter = |v: Option<u64>| ConstCounter::new(v.unwrap_or(0));
+        let counters = [
+            (
+                "tandem_worker_generated_tokens",
+                "Tokens generated (all sequences).",
+                counter(stats.map(|s| s.generated_tokens.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_prompt_tokens",
+                "Prompt tokens prefilled.",
+                counter(stats.map(|s| s.prompt_tokens.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_engine_steps",
+                "Batched forward passes run.",
+                counter(stats.map(|s| s.steps.load(Relaxed))),
+            ),
+        ];
+        for (name, help, c) in counters {
+            let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(m)?;
+        }
+        Ok(())
+    }
+}
