@@ -2,7 +2,7 @@
 //! aggregate decode tokens/s at several concurrencies, through the real scheduler (sampling,
 //! detokenization and all). Prints a Markdown table for docs/benchmarks.md.
 //!
-//!   cargo bench -p tandem-engine --bench throughput -- --model PATH [--dequantized]
+//!   cargo bench -p tandem-engine --bench throughput -- --model PATH [--dequantized | --keep-dense]
 //!       [--concurrency 1,4,16,32] [--new-tokens 64] [--prompt-tokens 256]
 //!
 //! Threads: candle uses every core it sees (2 on the reference machine); set RAYON_NUM_THREADS
@@ -13,11 +13,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tandem_engine::{Engine, EngineConfig, Event, Request, SamplingParams, StopCriteria};
-use tandem_model::{LoadOptions, Model, QuantMode, SeqInput};
+use tandem_model::{BatchMatmul, LoadOptions, Model, QuantMode, SeqInput};
 
 struct Args {
     model: PathBuf,
     quant: QuantMode,
+    keep_dense: bool,
     concurrency: Vec<usize>,
     new_tokens: usize,
     prompt_tokens: usize,
@@ -27,6 +28,7 @@ fn args() -> Args {
     let mut a = Args {
         model: PathBuf::new(),
         quant: QuantMode::Quantized,
+        keep_dense: false,
         concurrency: vec![1, 4, 16, 32],
         new_tokens: 64,
         prompt_tokens: 256,
@@ -36,6 +38,7 @@ fn args() -> Args {
         match k.as_str() {
             "--model" => a.model = it.next().unwrap().into(),
             "--dequantized" => a.quant = QuantMode::Dequantized,
+            "--keep-dense" => a.keep_dense = true,
             "--concurrency" => {
                 a.concurrency = it
                     .next()
@@ -75,14 +78,19 @@ fn main() {
         &LoadOptions {
             quant: a.quant,
             max_context: Some(4096),
+            batch_matmul: BatchMatmul {
+                keep_dense_copy: a.keep_dense,
+                ..Default::default()
+            },
         },
     )
     .unwrap();
     let load_s = t0.elapsed().as_secs_f64();
     let name = a.model.file_name().unwrap().to_string_lossy().to_string();
-    let mode = match a.quant {
-        QuantMode::Quantized => "quantized",
-        QuantMode::Dequantized => "f32",
+    let mode = match (a.quant, a.keep_dense) {
+        (QuantMode::Quantized, false) => "quantized",
+        (QuantMode::Quantized, true) => "quantized + f32 copy for batches",
+        (QuantMode::Dequantized, _) => "f32",
     };
     eprintln!("loaded {name} ({mode}) in {load_s:.1} s");
 

@@ -17,6 +17,7 @@ use candle_core::quantized::gguf_file;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::{KvCache, SlotId};
+pub use linear::BatchMatmul;
 pub use tokenizer::{ChatMessage, TextModel};
 pub use transformer::{BatchLogits, SeqInput, Transformer};
 pub use weights::QuantMode;
@@ -28,6 +29,8 @@ pub struct LoadOptions {
     /// Cap the context below the model's `max_position_embeddings` (saves RoPE tables and bounds
     /// KV per sequence). `None`: the model's own limit.
     pub max_context: Option<usize>,
+    /// GGUF only: how quantized weights multiply large batches (prefill, many sequences).
+    pub batch_matmul: BatchMatmul,
 }
 
 /// A model ready to serve: the network and its text side.
@@ -58,7 +61,7 @@ impl Model {
                 text,
             })
         } else if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
-            let mut g = weights::GgufWeights::open(path, opts.quant)?;
+            let mut g = weights::GgufWeights::open(path, opts.quant, opts.batch_matmul)?;
             let cfg = config_from_gguf(path, &g.content)?;
             g.set_layout(cfg.architecture, cfg.num_heads, cfg.num_kv_heads);
             let mut text = TextModel::from_gguf(path, &g.content)?;

@@ -102,15 +102,22 @@ impl Rope {
         })
     }
 
-    /// `x`: `[tokens, heads, head_dim]`, `positions`: `[tokens]` u32.
-    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
-        // Each token is its own "batch" entry so every token gets its own position.
-        let x = x.reshape((t, h, 1, d))?;
-        Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?.reshape((t, h, d))?)
+    /// The step's rows of the tables, `[tokens, 1, head_dim / 2]`: gathered once per step and
+    /// shared by every layer.
+    fn gather(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?.unsqueeze(1)?,
+            self.sin.index_select(positions, 0)?.unsqueeze(1)?,
+        ))
     }
+}
+
+/// `x`: `[tokens, heads, head_dim]`; `cos`, `sin` from `Rope::gather`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (t, h, d) = x.dims3()?;
+    // Each token is its own "batch" entry so every token gets its own position.
+    let x = x.reshape((t, h, 1, d))?;
+    Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?.reshape((t, h, d))?)
 }
 
 struct Attention {
@@ -142,18 +149,19 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        step: &Step,
-        rope: &Rope,
-        kv: &mut KvCache,
-        layer: usize,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, kv: &mut KvCache, layer: usize) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = rope.apply(&self.q.forward(x)?.reshape((t, h, hd))?, &step.positions)?;
-        let k = rope.apply(&self.k.forward(x)?.reshape((t, kvh, hd))?, &step.positions)?;
+        let q = apply_rope(
+            &self.q.forward(x)?.reshape((t, h, hd))?,
+            &step.cos,
+            &step.sin,
+        )?;
+        let k = apply_rope(
+            &self.k.forward(x)?.reshape((t, kvh, hd))?,
+            &step.cos,
+            &step.sin,
+        )?;
         let v = self.v.forward(x)?.reshape((t, kvh, hd))?;
         let group = h / kvh;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -255,7 +263,8 @@ struct StepSeq {
 
 struct Step {
     seqs: Vec<StepSeq>,
-    positions: Tensor,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 pub struct Transformer {
@@ -280,7 +289,7 @@ impl Transformer {
         let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
             w.linear("lm_head", cfg.vocab_size, cfg.hidden_size, false)?
         } else {
-            embed.as_linear()?
+            embed.as_linear(w.batch_matmul())?
         };
         let rope = Rope::new(&cfg, max_context, &device)?;
         Ok(Self {
@@ -365,16 +374,16 @@ impl Transformer {
             });
         }
         let t = ids.len();
-        let step = Step {
-            seqs,
-            positions: Tensor::from_vec(positions, t, &self.device)?,
-        };
+        let (cos, sin) = self
+            .rope
+            .gather(&Tensor::from_vec(positions, t, &self.device)?)?;
+        let step = Step { seqs, cos, sin };
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.forward(&ids)?;
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.input_norm, eps)?;
-            x = (x + b.attn.forward(&h, &step, &self.rope, kv, layer)?)?;
+            x = (x + b.attn.forward(&h, &step, kv, layer)?)?;
             let h = candle_nn::ops::rms_norm(&x, &b.post_attn_norm, eps)?;
             x = (x + b.mlp.forward(&h)?)?;
         }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::Architecture;
 use crate::error::{ModelError, Result};
-use crate::linear::{Embedding, Linear, LinearWeight};
+use crate::linear::{BatchMatmul, Embedding, Linear, LinearWeight};
 
 /// How to run a GGUF file's block-quantized weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,6 +59,13 @@ impl WeightSource {
         Ok(t)
     }
 
+    pub fn batch_matmul(&self) -> BatchMatmul {
+        match self {
+            WeightSource::Hf(_) => BatchMatmul::default(),
+            WeightSource::Gguf(g) => g.batch_matmul,
+        }
+    }
+
     pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let weight = match self {
             WeightSource::Hf(h) => {
@@ -85,7 +92,7 @@ impl WeightSource {
         } else {
             None
         };
-        Linear::new(weight, bias)
+        Linear::with_policy(weight, bias, self.batch_matmul())
     }
 
     pub fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
@@ -209,10 +216,11 @@ pub(crate) struct GgufWeights {
     num_heads: usize,
     num_kv_heads: usize,
     mode: QuantMode,
+    batch_matmul: BatchMatmul,
 }
 
 impl GgufWeights {
-    pub fn open(path: &Path, mode: QuantMode) -> Result<Self> {
+    pub fn open(path: &Path, mode: QuantMode, batch_matmul: BatchMatmul) -> Result<Self> {
         let mut file = File::open(path).map_err(|source| ModelError::Io {
             path: path.to_owned(),
             source,
@@ -238,6 +246,7 @@ impl GgufWeights {
             num_heads: 1,
             num_kv_heads: 1,
             mode,
+            batch_matmul,
         })
     }
 

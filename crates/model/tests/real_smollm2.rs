@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use tandem_model::{ChatMessage, LoadOptions, Model, QuantMode, SeqInput};
+use tandem_model::{BatchMatmul, ChatMessage, LoadOptions, Model, QuantMode, SeqInput};
 
 fn smollm2() -> Option<PathBuf> {
     let dir = std::env::var_os("TANDEM_MODEL_CACHE")
@@ -71,6 +71,7 @@ fn smollm2_answers_paris_quantized_and_dequantized() {
         let opts = LoadOptions {
             quant,
             max_context: Some(2048),
+            ..Default::default()
         };
         let model = Model::load(&path, &opts).unwrap();
         let prompt = model
@@ -107,6 +108,11 @@ fn smollm2_quantized_agrees_with_dequantized() {
             &LoadOptions {
                 quant,
                 max_context: Some(1024),
+                // Every row through candle's quantized kernel, not the dense batch path.
+                batch_matmul: BatchMatmul {
+                    dense_from_rows: usize::MAX,
+                    keep_dense_copy: false,
+                },
             },
         )
         .unwrap()

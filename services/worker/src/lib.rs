@@ -254,6 +254,7 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
     let opts = LoadOptions {
         quant: cfg.quant,
         max_context: cfg.max_context,
+        ..Default::default()
     };
     let model = Model::load(&cfg.model, &opts)
         .with_context(|| format!("loading the model {}", cfg.model.display()))?;
