@@ -1,0 +1,746 @@
+//! The worker table. One poller task owns it: every interval it asks the membership backend for
+//! endpoints, polls each worker's health, `Info` and `Load`, fetches a model's tokenizer the first
+//! time it sees the model, and publishes an immutable [`Snapshot`] through a watch channel.
+//! Request handlers only read snapshots; the one thing they write is a worker's outstanding
+//! count and its "failed" flag, both atomics, so no lock is ever held across an `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_model::TextModel;
+use tandem_proto::shard::v1::shard_client::ShardClient;
+use tandem_proto::shard::v1::{
+    InfoRequest, InfoResponse, LoadRequest, LoadResponse, TokenizerRequest,
+};
+use tandem_runtime::HealthReporter;
+use tokio::sync::{watch, Notify};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::membership::Membership;
+use crate::metrics::RouterMetrics;
+
+/// Health, Info and Load of one worker must answer within this; a worker that misses it twice
+/// in a row (or fails outright once) leaves the rotation.
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+const POLL_TIMED_OUT: &str = "no answer to health/Info/Load within the poll timeout";
+/// A 150k vocabulary is ~7 MB of JSON; building the tokenizer takes a moment too.
+const TOKENIZER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The `Tokenizer` reply is large: raise tonic's 4 MiB default.
+const MAX_TOKENIZER_MESSAGE: usize = 64 << 20;
+/// The service name a worker reports health for; "" (the whole server) is the fallback.
+const SHARD_SERVICE: &str = "tandem.shard.v1.Shard";
+/// Session affinity gives way when the session's worker has this many more requests than the
+/// least-loaded one.
+const AFFINITY_SLACK: u64 = 4;
+
+/// One worker (group leader) endpoint. Lives as long as the endpoint stays in the membership,
+/// across snapshots, so its outstanding count is continuous.
+pub struct Worker {
+    pub url: String,
+    pub shard: ShardClient<Channel>,
+    health: HealthClient<Channel>,
+    outstanding: AtomicU32,
+    /// Set when a request to it failed at the transport level; the next good poll clears it.
+    failed: AtomicBool,
+}
+
+impl Worker {
+    fn new(url: &str, max_message_bytes: usize) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("invalid worker URL '{url}': {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        // Lazy: a worker that is down now is retried on every poll, and tonic reconnects.
+        let channel = endpoint.connect_lazy();
+        Ok(Self {
+            url: url.to_owned(),
+            shard: ShardClient::new(channel.clone())
+                .max_decoding_message_size(MAX_TOKENIZER_MESSAGE.max(max_message_bytes))
+                .max_encoding_message_size(max_message_bytes),
+            health: HealthClient::new(channel),
+            outstanding: AtomicU32::new(0),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// The router's claim on a worker for one request: counted while alive.
+pub struct Lease {
+    pub worker: Arc<Worker>,
+    metrics: RouterMetrics,
+}
+
+impl Lease {
+    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics) -> Self {
+        worker.outstanding.fetch_add(1, Ordering::Relaxed);
+        let labels = metrics.worker(&worker.url);
+        metrics.worker_outstanding.get_or_create(&labels).inc();
+        metrics.worker_requests.get_or_create(&labels).inc();
+        Self {
+            worker,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.worker.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.metrics
+            .worker_outstanding
+            .get_or_create(&self.metrics.worker(&self.worker.url))
+            .dec();
+    }
+}
+
+/// A model as the router knows it: its tokenizer (fetched once) and the limits its workers
+/// reported.
+#[derive(Clone, Debug)]
+pub struct ModelView {
+    pub name: String,
+    pub text: TextModel,
+    pub tokenizer_hash: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// The workers' own limit on max_new_tokens; 0 = none reported.
+    pub max_new_tokens_limit: usize,
+    /// Usable workers serving it now.
+    pub replicas: usize,
+}
+
+#[derive(Clone)]
+pub struct WorkerView {
+    pub worker: Arc<Worker>,
+    /// Model name from its last good `Info`.
+    pub model: Option<String>,
+    pub load: LoadResponse,
+    /// The last poll succeeded and its tokenizer is known and matches its model's.
+    pub polled_ok: bool,
+}
+
+impl WorkerView {
+    pub fn usable(&self) -> bool {
+        self.polled_ok && !self.worker.failed.load(Ordering::Relaxed)
+    }
+
+    /// Requests ahead of a new one: ours in flight plus the worker's own count (which includes
+    /// other routers' requests) at the last poll.
+    fn score(&self) -> u64 {
+        u64::from(self.worker.outstanding())
+            + u64::from(self.load.running)
+            + u64::from(self.load.waiting)
+    }
+
+    fn has_room(&self) -> bool {
+        self.load.max_waiting == 0 || self.load.waiting < self.load.max_waiting
+    }
+}
+
+#[derive(Default)]
+pub struct Snapshot {
+    pub workers: Vec<WorkerView>,
+    pub models: BTreeMap<String, ModelView>,
+    /// True once the first poll round finished (before that, "no models" means "not yet").
+    pub polled: bool,
+}
+
+/// Read side of the worker table, shared by request handlers.
+pub struct Pool {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    poke: Arc<Notify>,
+    rr: AtomicUsize,
+}
+
+impl Pool {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Waits until the first poll round has been published (startup).
+    pub async fn wait_polled(&self) {
+        let mut rx = self.snapshot.clone();
+        // An error means the poller is gone; nothing to wait for then.
+        let _ = rx.wait_for(|s| s.polled).await;
+    }
+
+    /// Takes `worker` out of rotation until its next good poll, and polls soon.
+    pub fn mark_failed(&self, worker: &Worker) {
+        worker.failed.store(true, Ordering::Relaxed);
+        self.poke.notify_one();
+    }
+
+    /// The least-loaded usable worker serving `model`, skipping `exclude` (URLs already tried).
+    /// Workers whose queue had room at the last poll come first; when none had, the least loaded
+    /// full one is still tried, since its queue may have drained since. With a session id, the
+    /// session's worker (rendezvous hashing) is preferred unless it is much busier.
+    pub fn pick(
+        &self,
+        snap: &Snapshot,
+        model: &str,
+        exclude: &[String],
+        session_id: &str,
+    ) -> Option<Arc<Worker>> {
+        let candidates: Vec<&WorkerView> = snap
+            .workers
+            .iter()
+            .filter(|v| {
+                v.usable() && v.model.as_deref() == Some(model) && !exclude.contains(&v.worker.url)
+            })
+            .collect();
+        let with_room: Vec<&WorkerView> = candidates
+            .iter()
+            .copied()
+            .filter(|v| v.has_room())
+            .collect();
+        let pool = if with_room.is_empty() {
+            candidates
+        } else {
+            with_room
+        };
+        let min = pool.iter().map(|v| v.score()).min()?;
+        if !session_id.is_empty() {
+            let preferred = pool
+                .iter()
+                .max_by_key(|v| fnv1a(session_id.as_bytes(), v.worker.url.as_bytes()));
+            if let Some(v) = preferred {
+                if v.score() <= min + AFFINITY_SLACK {
+                    return Some(v.worker.clone());
+                }
+            }
+        }
+        // Ties rotate, so equal workers share a burst that arrives between two polls.
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let n = pool.len();
+        (0..n)
+            .map(|i| pool[(start + i) % n])
+            .find(|v| v.score() == min)
+            .map(|v| v.worker.clone())
+    }
+}
+
+fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in a.iter().chain([0u8].iter()).chain(b) {
+        h ^= u64::from(*byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Everything the poller needs; consumed by [`Poller::run`].
+pub struct Poller {
+    membership: Arc<dyn Membership>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    poke: Arc<Notify>,
+    health: HealthReporter,
+    metrics: RouterMetrics,
+    interval: Duration,
+    max_message_bytes: usize,
+    workers: HashMap<String, Arc<Worker>>,
+    /// Tokenizers by model name, fetched once (again only if a worker reports another hash).
+    texts: HashMap<String, (String, TextModel)>,
+    /// Last usable state per worker, to log transitions once.
+    was_usable: HashMap<String, bool>,
+    /// Consecutive polls that timed out, per worker.
+    slow_polls: HashMap<String, u32>,
+    serving: Option<bool>,
+}
+
+/// A worker's answer to one poll.
+struct PollResult {
+    info: InfoResponse,
+    load: LoadResponse,
+}
+
+pub fn pool(
+    membership: Arc<dyn Membership>,
+    health: HealthReporter,
+    metrics: RouterMetrics,
+    interval: Duration,
+    max_message_bytes: usize,
+) -> (Pool, Poller) {
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let poke = Arc::new(Notify::new());
+    let pool = Pool {
+        snapshot: rx,
+        poke: poke.clone(),
+        rr: AtomicUsize::new(0),
+    };
+    let poller = Poller {
+        membership,
+        tx,
+        poke,
+        health,
+        metrics,
+        interval,
+        max_message_bytes,
+        workers: HashMap::new(),
+        texts: HashMap::new(),
+        was_usable: HashMap::new(),
+        slow_polls: HashMap::new(),
+        serving: None,
+    };
+    (pool, poller)
+}
+
+impl Poller {
+    /// Polls forever; the server aborts this task when it shuts down.
+    pub async fn run(mut self) {
+        loop {
+            self.round().await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                // A request saw a worker fail: find out soon whether it is really gone.
+                _ = self.poke.notified() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn round(&mut self) {
+        let endpoints = self.membership.endpoints();
+        self.workers.retain(|url, _| endpoints.contains(url));
+        for url in &endpoints {
+            if self.workers.contains_key(url) {
+                continue;
+            }
+            match Worker::new(url, self.max_message_bytes) {
+                Ok(w) => {
+                    self.workers.insert(url.clone(), Arc::new(w));
+                }
+                Err(e) => {
+                    if self.was_usable.insert(url.clone(), false).is_none() {
+                        tracing::error!(worker = %url, "{e}");
+                    }
+                }
+            }
+        }
+        let workers: Vec<Arc<Worker>> = endpoints
+            .iter()
+            .filter_map(|u| self.workers.get(u).cloned())
+            .collect();
+        let results: Vec<Result<PollResult, String>> =
+            futures::future::join_all(workers.iter().map(|w| poll_worker(w.clone()))).await;
+
+        let model_errors = self.ensure_texts(&workers, &results).await;
+        let prev_views = self.tx.borrow().workers.clone();
+
+        let mut views = Vec::with_capacity(workers.len());
+        // Per model, over its usable workers: the strictest limits and the replica count.
+        let mut limits: HashMap<String, ModelLimits> = HashMap::new();
+        for (worker, result) in workers.iter().zip(results) {
+            let (model, load, error) = match result {
+                Ok(r) => {
+                    let name = model_name(&r.info);
+                    let error = match self.texts.get(&name) {
+                        None => Some(
+                            model_errors
+                                .get(&name)
+                                .cloned()
+                                .unwrap_or_else(|| "tokenizer not fetched yet".to_owned()),
+                        ),
+                        Some((hash, _))
+                            if !r.info.tokenizer_hash.is_empty()
+                                && *hash != r.info.tokenizer_hash =>
+                        {
+                            // Token ids would mean something else on this worker.
+                            Some(format!(
+                                "tokenizer hash {} differs from {hash}, which the router uses for model '{name}'",
+                                r.info.tokenizer_hash
+                            ))
+                        }
+                        Some(_) => None,
+                    };
+                    self.slow_polls.remove(&worker.url);
+                    if error.is_none() {
+                        worker.failed.store(false, Ordering::Relaxed);
+                        limits.entry(name.clone()).or_default().add(&r.info);
+                    }
+                    (Some(name), r.load, error)
+                }
+                Err(e) => {
+                    let slow = self.slow_polls.entry(worker.url.clone()).or_default();
+                    *slow += 1;
+                    let previous = prev_views
+                        .iter()
+                        .find(|v| Arc::ptr_eq(&v.worker, worker) && v.polled_ok);
+                    match previous {
+                        // One slow answer from a busy worker (a long prefill on few cores) is
+                        // not a failure yet: keep it on its last known state for one round.
+                        Some(v) if e == POLL_TIMED_OUT && *slow < 2 => {
+                            tracing::debug!(worker = %worker.url, "slow poll; keeping the last state");
+                            (v.model.clone(), v.load, None)
+                        }
+                        _ => (None, LoadResponse::default(), Some(e)),
+                    }
+                }
+            };
+            let view = WorkerView {
+                worker: worker.clone(),
+                model,
+                load,
+                polled_ok: error.is_none(),
+            };
+            self.log_transition(&worker.url, view.usable(), error.as_deref());
+            self.metrics
+                .worker_usable
+                .get_or_create(&self.metrics.worker(&worker.url))
+                .set(i64::from(view.usable()));
+            views.push(view);
+        }
+
+        let prev = self.tx.borrow().clone();
+        let mut models = BTreeMap::new();
+        for (name, (hash, text)) in &self.texts {
+            let view = match limits.get(name) {
+                Some(l) => ModelView {
+                    name: name.clone(),
+                    text: text.clone(),
+                    tokenizer_hash: hash.clone(),
+                    context_length: l.context_length,
+                    vocab_size: l.vocab_size,
+                    max_new_tokens_limit: l.max_new_tokens_limit,
+                    replicas: l.replicas,
+                },
+                // No usable worker now: keep the last known limits, so requests are still
+                // validated and then answered UNAVAILABLE rather than NOT_FOUND.
+                None => match prev.models.get(name) {
+                    Some(m) => ModelView {
+                        replicas: 0,
+                        ..m.clone()
+                    },
+                    None => continue,
+                },
+            };
+            models.insert(name.clone(), view);
+        }
+        let serving = views.iter().any(WorkerView::usable);
+        self.tx.send_replace(Arc::new(Snapshot {
+            workers: views,
+            models,
+            polled: true,
+        }));
+        if self.serving != Some(serving) {
+            self.serving = Some(serving);
+            let status = if serving {
+                tandem_runtime::ServingStatus::Serving
+            } else {
+                tandem_runtime::ServingStatus::NotServing
+            };
+            tandem_runtime::set_health(&self.health, &[crate::GENERATION_SERVICE], status).await;
+            tracing::info!(serving, "router health changed");
+        }
+    }
+
+    /// Fetches the tokenizer of every model that answering workers serve and the router does
+    /// not know yet, once per model. When no worker reports the known tokenizer any more (the
+    /// model was replaced under the same name), the new one is fetched. Returns fetch errors by
+    /// model.
+    async fn ensure_texts(
+        &mut self,
+        workers: &[Arc<Worker>],
+        results: &[Result<PollResult, String>],
+    ) -> HashMap<String, String> {
+        let mut errors = HashMap::new();
+        let mut wanted: Vec<(String, String, Arc<Worker>)> = Vec::new();
+        for (worker, result) in workers.iter().zip(results) {
+            let Ok(r) = result else { continue };
+            let name = model_name(&r.info);
+            let hash = &r.info.tokenizer_hash;
+            let known = self.texts.get(&name).is_some_and(|(h, _)| {
+                hash.is_empty()
+                    || h == hash
+                    // Another worker still reports the known tokenizer: keep it.
+                    || results.iter().flatten().any(|o| {
+                        model_name(&o.info) == name && o.info.tokenizer_hash == *h
+                    })
+            });
+            if !known && !wanted.iter().any(|(n, _, _)| *n == name) {
+                wanted.push((name, hash.clone(), worker.clone()));
+            }
+        }
+        for (name, hash, worker) in wanted {
+            match fetch_text(&worker).await {
+                Ok(text) => {
+                    tracing::info!(
+                        model = %name,
+                        worker = %worker.url,
+                        vocab = text.tokenizer.get_vocab_size(true),
+                        tokenizer_hash = %hash,
+                        "fetched tokenizer"
+                    );
+                    self.texts.insert(name, (hash, text));
+                }
+                Err(e) => {
+                    errors.insert(name, e);
+                }
+            }
+        }
+        errors
+    }
+
+    fn log_transition(&mut self, url: &str, usable: bool, reason: Option<&str>) {
+        let before = self.was_usable.insert(url.to_owned(), usable);
+        if before == Some(usable) {
+            return;
+        }
+        if usable {
+            tracing::info!(worker = %url, "worker in rotation");
+        } else if before.is_none() {
+            // First sight: usually a worker still loading its model.
+            tracing::info!(
+                worker = %url,
+                reason = reason.unwrap_or("unknown"),
+                "worker not ready yet"
+            );
+        } else {
+            tracing::warn!(
+                worker = %url,
+                reason = reason.unwrap_or("a request to it failed"),
+                "worker out of rotation"
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ModelLimits {
+    context_length: usize,
+    vocab_size: usize,
+    /// 0 = no worker reported a limit.
+    max_new_tokens_limit: usize,
+    replicas: usize,
+}
+
+impl Default for ModelLimits {
+    fn default() -> Self {
+        Self {
+            context_length: usize::MAX,
+            vocab_size: usize::MAX,
+            max_new_tokens_limit: 0,
+            replicas: 0,
+        }
+    }
+}
+
+impl ModelLimits {
+    fn add(&mut self, info: &InfoResponse) {
+        self.context_length = self.context_length.min(info.context_length as usize);
+        self.vocab_size = self.vocab_size.min(info.vocab_size as usize);
+        let l = info.max_new_tokens_limit as usize;
+        if l > 0 && (self.max_new_tokens_limit == 0 || l < self.max_new_tokens_limit) {
+            self.max_new_tokens_limit = l;
+        }
+        self.replicas += 1;
+    }
+}
+
+fn model_name(info: &InfoResponse) -> String {
+    if info.model.is_empty() {
+        "default".to_owned()
+    } else {
+        info.model.clone()
+    }
+}
+
+async fn poll_worker(w: Arc<Worker>) -> Result<PollResult, String> {
+    let answer = async {
+        let mut health = w.health.clone();
+        let status = match health
+            .check(HealthCheckRequest {
+                service: SHARD_SERVICE.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().status,
+            // The worker does not report per service: ask about the whole server.
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map_err(|s| format!("health: {}", s.message()))?
+                    .into_inner()
+                    .status
+            }
+            Err(s) => return Err(format!("health: {}: {}", s.code(), s.message())),
+        };
+        if status != ServingStatus::Serving as i32 {
+            return Err("health: not serving".to_owned());
+        }
+        let mut shard = w.shard.clone();
+        let info = shard
+            .info(InfoRequest {})
+            .await
+            .map_err(|s| format!("Info: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        let load = shard
+            .load(LoadRequest {})
+            .await
+            .map_err(|s| format!("Load: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        Ok(PollResult { info, load })
+    };
+    tokio::time::timeout(POLL_TIMEOUT, answer)
+        .await
+        .map_err(|_| POLL_TIMED_OUT.to_owned())?
+}
+
+async fn fetch_text(w: &Worker) -> Result<TextModel, String> {
+    let mut shard = w.shard.clone();
+    let resp = tokio::time::timeout(TOKENIZER_TIMEOUT, shard.tokenizer(TokenizerRequest {}))
+        .await
+        .map_err(|_| format!("Tokenizer: no answer within {TOKENIZER_TIMEOUT:?}"))?
+        .map_err(|s| format!("Tokenizer: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    // Parsing a large tokenizer.json is CPU work: keep it off the async runtime.
+    tokio::task::spawn_blocking(move || {
+        TextModel::from_parts(
+            &resp.tokenizer_json,
+            non_empty(resp.chat_template),
+            non_empty(resp.bos_token),
+            non_empty(resp.eos_token),
+            resp.eos_token_ids,
+        )
+        .map_err(|e| format!("Tokenizer: {e}"))
+    })
+    .await
+    .map_err(|e| format!("Tokenizer: {e}"))?
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn view(url: &str, model: &str, running: u32, waiting: u32, max_waiting: u32) -> WorkerView {
+        WorkerView {
+            worker: Arc::new(Worker::new(url, 1 << 20).unwrap()),
+            model: Some(model.to_owned()),
+            load: LoadResponse {
+                running,
+                waiting,
+                max_waiting,
+                ..Default::default()
+            },
+            polled_ok: true,
+        }
+    }
+
+    fn pool_of(workers: Vec<WorkerView>) -> (Pool, Snapshot) {
+        let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let pool = Pool {
+            snapshot: rx,
+            poke: Arc::new(Notify::new()),
+            rr: AtomicUsize::new(0),
+        };
+        let snap = Snapshot {
+            workers,
+            models: BTreeMap::new(),
+            polled: true,
+        };
+        (pool, snap)
+    }
+
+    fn url(w: Option<Arc<Worker>>) -> String {
+        w.map(|w| w.url.clone()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn picks_least_loaded_with_room() {
+        let (pool, snap) = pool_of(vec![
+            view("http://a:1", "m", 3, 0, 10),
+            view("http://b:1", "m", 1, 0, 10),
+            view("http://c:1", "other", 0, 0, 10),
+        ]);
+        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+        // Our own outstanding requests count too.
+        let leases: Vec<Lease> = (0..3)
+            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics()))
+            .collect();
+        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://a:1");
+        drop(leases);
+        assert_eq!(
+            url(pool.pick(&snap, "m", &["http://b:1".into()], "")),
+            "http://a:1"
+        );
+        assert!(pool.pick(&snap, "nope", &[], "").is_none());
+        // A full queue loses to one with room, even when less loaded.
+        let (pool, snap) = pool_of(vec![
+            view("http://a:1", "m", 1, 4, 4),
+            view("http://b:1", "m", 9, 0, 10),
+        ]);
+        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+        // When every queue is full, the least loaded is still tried.
+        let (pool, snap) = pool_of(vec![
+            view("http://a:1", "m", 1, 4, 4),
+            view("http://b:1", "m", 9, 10, 10),
+        ]);
+        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://a:1");
+    }
+
+    #[tokio::test]
+    async fn ties_rotate_and_failed_workers_are_skipped() {
+        let (pool, snap) = pool_of(vec![
+            view("http://a:1", "m", 0, 0, 10),
+            view("http://b:1", "m", 0, 0, 10),
+        ]);
+        let picks: Vec<String> = (0..4)
+            .map(|_| url(pool.pick(&snap, "m", &[], "")))
+            .collect();
+        assert!(picks.contains(&"http://a:1".to_owned()));
+        assert!(picks.contains(&"http://b:1".to_owned()));
+        pool.mark_failed(&snap.workers[0].worker);
+        for _ in 0..4 {
+            assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_stick_unless_much_busier() {
+        let (pool, snap) = pool_of(vec![
+            view("http://a:1", "m", 0, 0, 10),
+            view("http://b:1", "m", 0, 0, 10),
+            view("http://c:1", "m", 0, 0, 10),
+        ]);
+        let first = url(pool.pick(&snap, "m", &[], "session-42"));
+        for _ in 0..5 {
+            assert_eq!(url(pool.pick(&snap, "m", &[], "session-42")), first);
+        }
+        let busy: Vec<WorkerView> = snap
+            .workers
+            .iter()
+            .map(|v| {
+                let mut v = v.clone();
+                if v.worker.url == first {
+                    v.load.running = AFFINITY_SLACK as u32 + 1;
+                }
+                v
+            })
+            .collect();
+        let snap = Snapshot {
+            workers: busy,
+            models: BTreeMap::new(),
+            polled: true,
+        };
+        assert_ne!(url(pool.pick(&snap, "m", &[], "session-42")), first);
+    }
+
+    fn test_metrics() -> RouterMetrics {
+        RouterMetrics::new(&mut prometheus_client::registry::Registry::default())
+    }
+}

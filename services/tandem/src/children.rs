@@ -1,0 +1,161 @@
+//! Child processes of `tandem up` and `tandem bench`: this same executable with the `worker` or
+//! `router` subcommand. Each child gets a pipe as stdin and `--exit-on-stdin-eof`, so it shuts
+//! down when this process dies, even by SIGKILL; on our own shutdown each gets SIGTERM (its
+//! graceful drain), then SIGKILL after the grace period.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, ChildStdin, Command};
+
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    /// Held open: closing it tells the child to exit.
+    _stdin: Option<ChildStdin>,
+}
+
+#[derive(Default)]
+pub struct Children {
+    procs: Vec<Proc>,
+    env: Vec<(String, String)>,
+}
+
+impl Children {
+    /// Sets an environment variable for children started from now on.
+    pub fn env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Starts `tandem <args>` as a child named `name` (for messages).
+    pub fn spawn(&mut self, name: &str, args: &[String]) -> anyhow::Result<u32> {
+        let exe = std::env::current_exe().context("locating the tandem executable")?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(args)
+            .arg("--exit-on-stdin-eof")
+            .stdin(Stdio::piped())
+            .kill_on_drop(true);
+        // Children get every setting as a flag; inherited TANDEM_* variables (meant for this
+        // process) would otherwise apply to all of them, e.g. one metrics port for every worker.
+        for (k, _) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| {
+                k.starts_with("TANDEM_") && k != "TANDEM_MODEL_CACHE" && k != "TANDEM_LOG_JSON"
+            }) {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {} {}", exe.display(), args.join(" ")))?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take();
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            _stdin: stdin,
+        });
+        Ok(pid)
+    }
+
+    /// Resolves when the first child exits: its name and exit status.
+    pub async fn first_exit(&mut self) -> (String, std::io::Result<ExitStatus>) {
+        if self.procs.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self
+            .procs
+            .iter_mut()
+            .map(|p| Box::pin(async { (p.name.clone(), p.child.wait().await) }));
+        let (out, _, _) = futures::future::select_all(waits).await;
+        out
+    }
+
+    /// SIGTERM to every child, then SIGKILL to those still running after `grace`.
+    pub async fn stop(&mut self, grace: Duration) {
+        for p in &mut self.procs {
+            if let (Ok(None), Some(pid)) = (p.child.try_wait(), p.child.id()) {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for p in &mut self.procs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, p.child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(child = %p.name, "still running after the grace period; killing it");
+                    let _ = p.child.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 right now. Another process may take it before the child binds it;
+/// the child then fails to start and the caller reports which one.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?)
+}
+
+/// Waits until the router at `addr` reports SERVING on grpc.health.v1, or a child exits, or
+/// `timeout` passes.
+pub async fn wait_serving(
+    children: &mut Children,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = format!("http://{addr}");
+    let check = async {
+        loop {
+            if is_serving(&url).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = check => Ok(()),
+        (name, status) = children.first_exit() => Err(anyhow::anyhow!(
+            "{name} exited during startup ({}); see its log above",
+            describe(status)
+        )),
+        _ = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
+            "the router at {addr} did not report SERVING within {timeout:?}"
+        )),
+    }
+}
+
+async fn is_serving(url: &str) -> bool {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut client = HealthClient::new(channel);
+    matches!(
+        client.check(HealthCheckRequest { service: String::new() }).await,
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32
+    )
+}
+
+pub fn describe(status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("wait failed: {e}"),
+    }
+}

@@ -1,0 +1,473 @@
+//! `tandem`: every Tandem role in one binary (one container image).
+//!
+//! - `tandem worker`: one worker (group leader) serving the shard API over a model;
+//! - `tandem router`: the public gRPC API in front of workers;
+//! - `tandem up`: a whole cluster on this machine (workers and a router as child processes);
+//! - `tandem generate`: a command-line client that streams a completion;
+//! - `tandem bench router-overhead`: the router's added latency, measured.
+//!
+//! Settings come from flags, then `TANDEM_<SUBCOMMAND>_<FLAG>` environment variables, then the
+//! TOML file given by `--config` / `TANDEM_CONFIG` (see `config.rs`), then defaults.
+
+mod bench;
+mod children;
+mod config;
+mod generate;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::config::{layer, Dur, FileConfig, Quant};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Distributed LLM inference: router, workers, client"
+)]
+struct Cli {
+    /// TOML config file; its values apply where no flag or environment variable is set.
+    #[arg(long, global = true, env = "TANDEM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log JSON lines instead of text (`--log-json=false` overrides the file).
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_LOG_JSON",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    log_json: Option<bool>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a model as a worker (the shard API that routers call).
+    Worker(WorkerArgs),
+    /// Serve the public API (tandem.v1.Generation) in front of workers.
+    Router(RouterArgs),
+    /// Run workers and a router on this machine until Ctrl-C.
+    Up(UpArgs),
+    /// Stream a completion from a router to stdout.
+    Generate(generate::GenerateArgs),
+    /// Benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+/// `tandem worker` flags; also the `[worker]` section of the config file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerArgs {
+    /// Model: a Hugging Face folder (config.json, safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long, env = "TANDEM_WORKER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Shard API address [default: 0.0.0.0:50061].
+    #[arg(long, env = "TANDEM_WORKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus endpoint address (/metrics) [default: none].
+    #[arg(long, env = "TANDEM_WORKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Model name reported to routers [default: from the model's file or folder name].
+    #[arg(long, env = "TANDEM_WORKER_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// How to run a GGUF file's weights [default: quantized].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_QUANT")]
+    pub quant: Option<Quant>,
+    /// Cap the context length below the model's own [default: the model's].
+    #[arg(long, env = "TANDEM_WORKER_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Most tokens (prefill + decode) in one forward.
+    #[arg(long, env = "TANDEM_WORKER_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Most sequences running at once.
+    #[arg(long, env = "TANDEM_WORKER_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Most requests waiting; beyond it requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_WORKER_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// Largest max_new_tokens accepted.
+    #[arg(long, env = "TANDEM_WORKER_MAX_NEW_TOKENS_LIMIT")]
+    pub max_new_tokens_limit: Option<usize>,
+    /// Largest gRPC message, in bytes.
+    #[arg(long, env = "TANDEM_WORKER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// HTTP/2 concurrent streams per connection.
+    #[arg(long, env = "TANDEM_WORKER_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// How long SIGTERM waits for running sequences (e.g. 30s).
+    #[arg(long, env = "TANDEM_WORKER_DRAIN_GRACE")]
+    pub drain_grace: Option<Dur>,
+    /// Shut down when stdin closes: children of `tandem up` die with their parent.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub exit_on_stdin_eof: bool,
+}
+
+impl WorkerArgs {
+    fn layer(&mut self, mut file: WorkerArgs) {
+        layer!(
+            self,
+            file,
+            [
+                model,
+                listen,
+                metrics_listen,
+                model_name,
+                quant,
+                max_context,
+                max_batch_tokens,
+                max_running,
+                max_waiting,
+                max_new_tokens_limit,
+                max_message_bytes,
+                max_concurrent_streams,
+                drain_grace,
+            ]
+        );
+    }
+
+    fn into_config(self) -> anyhow::Result<tandem_worker::WorkerConfig> {
+        let model = self.model.context(
+            "no model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_WORKER_MODEL, or set model in the [worker] section of the config file",
+        )?;
+        let listen = self.listen.unwrap_or_else(|| ([0, 0, 0, 0], 50061).into());
+        let mut cfg = tandem_worker::WorkerConfig::new(model, listen);
+        cfg.metrics_listen = self.metrics_listen;
+        if let Some(name) = self.model_name {
+            cfg.model_name = Some(name);
+        }
+        if let Some(q) = self.quant {
+            cfg.quant = q.into();
+        }
+        if let Some(c) = self.max_context {
+            cfg.max_context = Some(c);
+        }
+        if let Some(v) = self.max_batch_tokens {
+            cfg.engine.max_batch_tokens = v;
+        }
+        if let Some(v) = self.max_running {
+            cfg.engine.max_running = v;
+        }
+        if let Some(v) = self.max_waiting {
+            cfg.engine.max_waiting = v;
+        }
+        if let Some(v) = self.max_new_tokens_limit {
+            cfg.max_new_tokens_limit = v;
+        }
+        if let Some(v) = self.max_message_bytes {
+            cfg.max_message_bytes = v;
+        }
+        if let Some(v) = self.max_concurrent_streams {
+            cfg.max_concurrent_streams = v;
+        }
+        if let Some(v) = self.drain_grace {
+            cfg.drain_grace = v.0;
+        }
+        Ok(cfg)
+    }
+}
+
+/// `tandem router` flags; also the `[router]` section of the config file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterArgs {
+    /// Public API address [default: 0.0.0.0:50051].
+    #[arg(long, env = "TANDEM_ROUTER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Workers' shard endpoints, comma separated (http://host:port or host:port).
+    #[arg(long, env = "TANDEM_ROUTER_WORKERS", value_delimiter = ',')]
+    pub workers: Option<Vec<String>>,
+    /// Prometheus endpoint address (/metrics) [default: none].
+    #[arg(long, env = "TANDEM_ROUTER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Model used when a request leaves `model` empty [default: the only/first model served].
+    #[arg(long, env = "TANDEM_ROUTER_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Largest max_new_tokens accepted [default: 4096].
+    #[arg(long, env = "TANDEM_ROUTER_MAX_NEW_TOKENS_LIMIT")]
+    pub max_new_tokens_limit: Option<usize>,
+    /// Largest gRPC message, in bytes [default: 4 MiB].
+    #[arg(long, env = "TANDEM_ROUTER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// HTTP/2 concurrent streams per client connection [default: 1024].
+    #[arg(long, env = "TANDEM_ROUTER_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// How long SIGTERM waits for in-flight requests [default: 30s].
+    #[arg(long, env = "TANDEM_ROUTER_DRAIN_GRACE")]
+    pub drain_grace: Option<Dur>,
+    /// Upper bound on any generation request, besides the client's deadline [default: none].
+    #[arg(long, env = "TANDEM_ROUTER_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<Dur>,
+    /// How often workers are polled for health and load [default: 1s].
+    #[arg(long, env = "TANDEM_ROUTER_POLL_INTERVAL")]
+    pub poll_interval: Option<Dur>,
+    /// Shut down when stdin closes: children of `tandem up` die with their parent.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub exit_on_stdin_eof: bool,
+}
+
+impl RouterArgs {
+    fn layer(&mut self, mut file: RouterArgs) {
+        layer!(
+            self,
+            file,
+            [
+                listen,
+                workers,
+                metrics_listen,
+                model_name,
+                max_new_tokens_limit,
+                max_message_bytes,
+                max_concurrent_streams,
+                drain_grace,
+                request_timeout,
+                poll_interval,
+            ]
+        );
+    }
+
+    fn into_config(self) -> anyhow::Result<tandem_router::RouterConfig> {
+        let workers = self.workers.unwrap_or_default();
+        anyhow::ensure!(
+            !workers.is_empty(),
+            "no workers: pass --workers http://HOST:PORT[,...], set TANDEM_ROUTER_WORKERS, or set workers in the [router] section of the config file"
+        );
+        let listen = self.listen.unwrap_or_else(|| ([0, 0, 0, 0], 50051).into());
+        let mut cfg = tandem_router::RouterConfig::new(listen, workers);
+        cfg.metrics_listen = self.metrics_listen;
+        cfg.model_name = self.model_name;
+        if let Some(v) = self.max_new_tokens_limit {
+            cfg.max_new_tokens_limit = v;
+        }
+        if let Some(v) = self.max_message_bytes {
+            cfg.max_message_bytes = v;
+        }
+        if let Some(v) = self.max_concurrent_streams {
+            cfg.max_concurrent_streams = v;
+        }
+        if let Some(v) = self.drain_grace {
+            cfg.drain_grace = v.0;
+        }
+        cfg.request_timeout = self.request_timeout.map(|d| d.0);
+        if let Some(v) = self.poll_interval {
+            anyhow::ensure!(!v.0.is_zero(), "poll_interval must be above 0");
+            cfg.poll_interval = v.0;
+        }
+        Ok(cfg)
+    }
+}
+
+/// `tandem up` flags; also the `[up]` section of the config file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpArgs {
+    /// Model for every worker [default: Qwen2.5-Coder-1.5B-Instruct GGUF in the model cache,
+    /// fetched on first use].
+    #[arg(long, env = "TANDEM_UP_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Number of worker processes [default: 1].
+    #[arg(long, env = "TANDEM_UP_WORKERS")]
+    pub workers: Option<usize>,
+    /// Router address [default: 127.0.0.1:50051].
+    #[arg(long, env = "TANDEM_UP_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Router metrics address [default: a free port on 127.0.0.1].
+    #[arg(long, env = "TANDEM_UP_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Passed to each worker.
+    #[arg(long, value_enum, env = "TANDEM_UP_QUANT")]
+    pub quant: Option<Quant>,
+    /// Passed to each worker.
+    #[arg(long, env = "TANDEM_UP_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Passed to each worker.
+    #[arg(long, env = "TANDEM_UP_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Passed to each worker.
+    #[arg(long, env = "TANDEM_UP_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Passed to each worker.
+    #[arg(long, env = "TANDEM_UP_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// How long to wait for the cluster to serve [default: 10m; large models load slowly].
+    #[arg(long, env = "TANDEM_UP_READY_TIMEOUT")]
+    pub ready_timeout: Option<Dur>,
+    /// On shutdown, how long children get before they are killed [default: 10s].
+    #[arg(long, env = "TANDEM_UP_GRACE")]
+    pub grace: Option<Dur>,
+}
+
+impl UpArgs {
+    fn layer(&mut self, mut file: UpArgs) {
+        layer!(
+            self,
+            file,
+            [
+                model,
+                workers,
+                listen,
+                metrics_listen,
+                quant,
+                max_context,
+                max_batch_tokens,
+                max_running,
+                max_waiting,
+                ready_timeout,
+                grace,
+            ]
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tandem: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut file = FileConfig::load(cli.config.as_deref())?;
+    let json = cli.log_json.or(file.log_json).unwrap_or(false);
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Worker(mut args) => {
+            tandem_runtime::init_tracing(json);
+            args.layer(std::mem::take(&mut file.worker));
+            let stdin_eof = args.exit_on_stdin_eof;
+            let cfg = args.into_config()?;
+            rt.block_on(tandem_worker::serve(cfg, shutdown(stdin_eof)))?;
+        }
+        Command::Router(mut args) => {
+            tandem_runtime::init_tracing(json);
+            args.layer(std::mem::take(&mut file.router));
+            let stdin_eof = args.exit_on_stdin_eof;
+            let cfg = args.into_config()?;
+            rt.block_on(tandem_router::serve(cfg, shutdown(stdin_eof)))?;
+        }
+        Command::Up(mut args) => {
+            tandem_runtime::init_tracing(json);
+            args.layer(std::mem::take(&mut file.up));
+            return rt.block_on(up::run(args, json));
+        }
+        Command::Generate(args) => return rt.block_on(generate::run(args)),
+        Command::Bench(args) => {
+            tandem_runtime::init_tracing(json);
+            rt.block_on(bench::run(args))?;
+        }
+    }
+    // Don't wait for stray blocking tasks (a stdin reader) once the server has stopped.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM/SIGINT, or (children of `tandem up`) stdin reaching EOF because the parent is gone.
+fn shutdown(stdin_eof: bool) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let signal = tandem_runtime::shutdown_signal();
+    async move {
+        if !stdin_eof {
+            return signal.await;
+        }
+        let eof = async {
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            // Anything written is ignored; only EOF (or a read error) matters.
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            tracing::info!("parent process gone (stdin closed); shutting down");
+        };
+        tokio::select! {
+            _ = signal => {}
+            _ = eof => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [router]
+            listen = "10.0.0.1:1"
+            workers = ["http://w:1"]
+            drain_grace = "5s"
+            request_timeout = "7s"
+            "#,
+        )
+        .unwrap();
+        // Only this test reads this variable.
+        std::env::set_var("TANDEM_ROUTER_DRAIN_GRACE", "6s");
+        let cli = Cli::try_parse_from(["tandem", "router", "--listen", "10.0.0.2:2"]).unwrap();
+        std::env::remove_var("TANDEM_ROUTER_DRAIN_GRACE");
+        let Command::Router(mut args) = cli.command else {
+            panic!("not the router subcommand");
+        };
+        args.layer(file.router);
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.listen, "10.0.0.2:2".parse().unwrap()); // flag
+        assert_eq!(cfg.drain_grace, Duration::from_secs(6)); // environment over file
+        assert_eq!(cfg.workers, vec!["http://w:1".to_owned()]); // file
+        assert_eq!(cfg.request_timeout, Some(Duration::from_secs(7))); // file
+        assert_eq!(cfg.max_new_tokens_limit, 4096); // default
+    }
+
+    #[test]
+    fn worker_flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "worker",
+            "--model",
+            "/m.gguf",
+            "--listen",
+            "127.0.0.1:7",
+            "--quant",
+            "dequantized",
+            "--max-running",
+            "3",
+            "--drain-grace",
+            "250ms",
+        ])
+        .unwrap();
+        let Command::Worker(args) = cli.command else {
+            panic!("not the worker subcommand");
+        };
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.model, PathBuf::from("/m.gguf"));
+        assert_eq!(cfg.quant, tandem_model::QuantMode::Dequantized);
+        assert_eq!(cfg.engine.max_running, 3);
+        assert_eq!(cfg.drain_grace, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn missing_required_settings_say_how_to_set_them() {
+        let e = WorkerArgs::default().into_config().unwrap_err().to_string();
+        assert!(
+            e.contains("--model") && e.contains("TANDEM_WORKER_MODEL"),
+            "{e}"
+        );
+        let e = RouterArgs::default().into_config().unwrap_err().to_string();
+        assert!(
+            e.contains("--workers") && e.contains("TANDEM_ROUTER_WORKERS"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! `tandem up`: N workers and a router on this machine, as child processes, until Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::children::{self, Children};
+use crate::config::model_cache;
+use crate::UpArgs;
+
+/// The default model: Qwen2.5-Coder-1.5B-Instruct, the target model of the design.
+pub const DEFAULT_MODEL_FILE: &str = "qwen2.5-coder-1.5b-instruct.gguf";
+const DEFAULT_MODEL_KEY: &str = "qwen-1.5b";
+
+pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
+    let n = args.workers.unwrap_or(1);
+    anyhow::ensure!(n >= 1, "--workers must be at least 1");
+    let model = match args.model.clone() {
+        Some(m) => {
+            anyhow::ensure!(m.exists(), "model {} does not exist", m.display());
+            m
+        }
+        None => default_model().await?,
+    };
+    let listen = args
+        .listen
+        .unwrap_or_else(|| ([127, 0, 0, 1], 50051).into());
+    let grace = args.grace.map_or(Duration::from_secs(10), |d| d.0);
+    let ready_timeout = args.ready_timeout.map_or(Duration::from_secs(600), |d| d.0);
+
+    let mut children = Children::default();
+    let mut worker_urls = Vec::new();
+    let mut metrics = Vec::new();
+    for i in 0..n {
+        let addr = children::free_port()?;
+        let metrics_addr = children::free_port()?;
+        let mut a = vec![
+            "worker".to_owned(),
+            "--model".to_owned(),
+            model.display().to_string(),
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--metrics-listen".to_owned(),
+            metrics_addr.to_string(),
+        ];
+        push_opt(&mut a, "--quant", args.quant.map(quant_name));
+        push_opt(&mut a, "--max-context", args.max_context);
+        push_opt(&mut a, "--max-batch-tokens", args.max_batch_tokens);
+        push_opt(&mut a, "--max-running", args.max_running);
+        push_opt(&mut a, "--max-waiting", args.max_waiting);
+        if log_json {
+            a.push("--log-json".to_owned());
+        }
+        let name = format!("worker {i}");
+        let pid = children.spawn(&name, &a)?;
+        tracing::info!(%name, pid, %addr, "started");
+        worker_urls.push(format!("http://{addr}"));
+        metrics.push((name, metrics_addr));
+    }
+    let router_metrics = match args.metrics_listen {
+        Some(a) => a,
+        None => children::free_port()?,
+    };
+    let mut a = vec![
+        "router".to_owned(),
+        "--listen".to_owned(),
+        listen.to_string(),
+        "--workers".to_owned(),
+        worker_urls.join(","),
+        "--metrics-listen".to_owned(),
+        router_metrics.to_string(),
+    ];
+    if log_json {
+        a.push("--log-json".to_owned());
+    }
+    let pid = children.spawn("router", &a)?;
+    tracing::info!(pid, %listen, "started router");
+    metrics.push(("router".to_owned(), router_metrics));
+
+    eprintln!(
+        "tandem up: loading {} in {n} worker(s); waiting for the router to serve...",
+        model.display()
+    );
+    let ready = tokio::select! {
+        r = children::wait_serving(&mut children, listen, ready_timeout) => r,
+        _ = tandem_runtime::shutdown_signal() => Err(anyhow::anyhow!("interrupted during startup")),
+    };
+    if let Err(e) = ready {
+        children.stop(grace).await;
+        return Err(e);
+    }
+    print_banner(listen, &model, n, &metrics);
+
+    let code = tokio::select! {
+        _ = tandem_runtime::shutdown_signal() => {
+            eprintln!("tandem up: stopping (up to {grace:?})...");
+            ExitCode::SUCCESS
+        }
+        (name, status) = children.first_exit() => {
+            eprintln!(
+                "tandem up: {name} exited unexpectedly ({}); stopping the others",
+                children::describe(status)
+            );
+            ExitCode::FAILURE
+        }
+    };
+    children.stop(grace).await;
+    eprintln!("tandem up: stopped");
+    Ok(code)
+}
+
+fn push_opt<T: ToString>(args: &mut Vec<String>, flag: &str, v: Option<T>) {
+    if let Some(v) = v {
+        args.push(flag.to_owned());
+        args.push(v.to_string());
+    }
+}
+
+fn quant_name(q: crate::config::Quant) -> &'static str {
+    match q {
+        crate::config::Quant::Quantized => "quantized",
+        crate::config::Quant::Dequantized => "dequantized",
+    }
+}
+
+fn print_banner(
+    listen: std::net::SocketAddr,
+    model: &Path,
+    n: usize,
+    metrics: &[(String, std::net::SocketAddr)],
+) {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "tandem".to_owned());
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nTandem is up: {n} worker(s) serving {}\n",
+        model.display()
+    ));
+    out.push_str(&format!("  gRPC API (tandem.v1.Generation): {listen}\n"));
+    for (name, addr) in metrics {
+        out.push_str(&format!("  metrics ({name}): http://{addr}/metrics\n"));
+    }
+    out.push_str("\nTry it:\n");
+    out.push_str(&format!(
+        "  grpcurl -plaintext -d '{{\"chat\": {{\"messages\": [{{\"role\": \"user\", \"content\": \"Write a Rust function that reverses a string.\"}}]}}, \"stopping\": {{\"max_new_tokens\": 128}}}}' {listen} tandem.v1.Generation/GenerateStream\n"
+    ));
+    out.push_str(&format!(
+        "  {exe} generate --addr http://{listen} --chat \"Write a Rust function that reverses a string.\"\n"
+    ));
+    out.push_str("\nCtrl-C stops everything.\n");
+    println!("{out}");
+}
+
+/// The default model file, fetched with scripts/fetch-models when missing.
+async fn default_model() -> anyhow::Result<PathBuf> {
+    let path = model_cache().join(DEFAULT_MODEL_FILE);
+    if path.exists() {
+        return Ok(path);
+    }
+    let Some(script) = fetch_script() else {
+        anyhow::bail!(
+            "the default model {} is missing and scripts/fetch-models was not found.\n\
+             Fetch it from a Tandem checkout with:\n    scripts/fetch-models {DEFAULT_MODEL_KEY}\n\
+             (or set TANDEM_FETCH_SCRIPT to the script's path, or pass --model PATH)",
+            path.display()
+        );
+    };
+    eprintln!(
+        "tandem up: {} is missing; fetching it with {} {DEFAULT_MODEL_KEY} (about 1.1 GB)...",
+        path.display(),
+        script.display()
+    );
+    let status = tokio::process::Command::new(&script)
+        .arg(DEFAULT_MODEL_KEY)
+        .env("TANDEM_MODEL_CACHE", model_cache())
+        .status()
+        .await
+        .with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "{} {DEFAULT_MODEL_KEY} failed ({status}); run it by hand to see why, or pass --model PATH",
+        script.display()
+    );
+    anyhow::ensure!(
+        path.exists(),
+        "{} succeeded but {} is still missing",
+        script.display(),
+        path.display()
+    );
+    Ok(path)
+}
+
+/// `TANDEM_FETCH_SCRIPT`, else `scripts/fetch-models` in the checkout this executable was built
+/// in (target/<profile>/tandem sits two or three folders below it), else under the current
+/// directory.
+fn fetch_script() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TANDEM_FETCH_SCRIPT").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some(p);
+        }
+        tracing::warn!(path = %p.display(), "TANDEM_FETCH_SCRIPT is not a file; ignoring it");
+    }
+    let mut starts: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        starts.push(exe);
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        starts.push(cwd.join("x"));
+    }
+    for start in starts {
+        for dir in start.ancestors().skip(1).take(6) {
+            let candidate = dir.join("scripts/fetch-models");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
