@@ -82,6 +82,7 @@ fn main() {
                 keep_dense_copy: a.keep_dense,
                 ..Default::default()
             },
+            ..Default::default()
         },
     )
     .unwrap();

@@ -61,6 +61,10 @@ pub enum ModelError {
     },
     #[error("token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { token: u32, vocab: usize },
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
+    #[error("tensor-parallel collective: {0}")]
+    Collective(#[from] tandem_collective::CollectiveError),
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
 }

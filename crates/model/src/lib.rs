@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod kv;
 pub mod linear;
+mod parallel;
 pub mod tokenizer;
 pub mod transformer;
 mod weights;
@@ -18,6 +19,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv::{KvCache, SlotId};
 pub use linear::BatchMatmul;
+pub use parallel::Shard;
 pub use tokenizer::{ChatMessage, TextModel};
 pub use transformer::{BatchLogits, SeqInput, Transformer};
 pub use weights::QuantMode;
@@ -31,6 +33,9 @@ pub struct LoadOptions {
     pub max_context: Option<usize>,
     /// GGUF only: how quantized weights multiply large batches (prefill, many sequences).
     pub batch_matmul: BatchMatmul,
+    /// Tensor parallelism: this process is one rank of a group and loads only its shard of each
+    /// block's weights. `None`: the whole model (TP=1).
+    pub shard: Option<Shard>,
 }
 
 /// A model ready to serve: the network and its text side.
@@ -51,10 +56,11 @@ impl Model {
                 });
             }
             let cfg = ModelConfig::from_hf_json(&cfg_path)?;
+            check_shard(&cfg, opts)?;
             let text = TextModel::from_hf_dir(path, &cfg.eos_token_ids)?;
             let mut w = weights::WeightSource::Hf(weights::HfWeights::open(path)?);
             let ctx = context(&cfg, opts);
-            let transformer = Transformer::load(&mut w, cfg, ctx)?;
+            let transformer = Transformer::load(&mut w, cfg, ctx, opts.shard.as_ref())?;
             Ok(Self {
                 path: path.to_owned(),
                 transformer,
@@ -63,6 +69,7 @@ impl Model {
         } else if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
             let mut g = weights::GgufWeights::open(path, opts.quant, opts.batch_matmul)?;
             let cfg = config_from_gguf(path, &g.content)?;
+            check_shard(&cfg, opts)?;
             g.set_layout(cfg.architecture, cfg.num_heads, cfg.num_kv_heads);
             let mut text = TextModel::from_gguf(path, &g.content)?;
             text.eos_token_ids.extend(&cfg.eos_token_ids);
@@ -76,7 +83,7 @@ impl Model {
                     RopeScaling::Factors(f.to_vec1::<f32>()?.into_iter().map(f64::from).collect());
             }
             let ctx = context(&cfg, opts);
-            let transformer = Transformer::load(&mut w, cfg, ctx)?;
+            let transformer = Transformer::load(&mut w, cfg, ctx, opts.shard.as_ref())?;
             Ok(Self {
                 path: path.to_owned(),
                 transformer,
@@ -87,6 +94,14 @@ impl Model {
                 path: path.to_owned(),
             })
         }
+    }
+}
+
+/// Fails before any weight is read when the model doesn't split over the group.
+fn check_shard(cfg: &ModelConfig, opts: &LoadOptions) -> Result<()> {
+    match &opts.shard {
+        Some(s) => parallel::validate(cfg, s),
+        None => Ok(()),
     }
 }
 

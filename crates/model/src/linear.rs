@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
+use tandem_collective::all_reduce_tensor;
 
 use crate::error::Result;
+use crate::parallel::Shard;
 
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
@@ -55,6 +57,9 @@ pub struct Linear {
     dense_from_rows: usize,
     bias: Option<Tensor>,
     out_features: usize,
+    /// Row-parallel: this rank holds a slice of the input columns, so its output is a partial
+    /// sum that the group adds up before the bias.
+    reduce: Option<Shard>,
 }
 
 impl Linear {
@@ -90,7 +95,15 @@ impl Linear {
             dense_from_rows,
             bias,
             out_features,
+            reduce: None,
         })
+    }
+
+    /// Makes this a row-parallel layer: its output is all-reduced (summed) over `shard`'s group
+    /// before the bias is added, so the bias counts once.
+    pub fn all_reduced_over(mut self, shard: Shard) -> Self {
+        self.reduce = Some(shard);
+        self
     }
 
     pub fn out_features(&self) -> usize {
@@ -99,6 +112,17 @@ impl Linear {
 
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized(_))
+    }
+
+    /// Bytes this layer holds: the weight as stored (raw blocks when quantized), a kept dense
+    /// copy, and the bias.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let w = match &self.weight {
+            LinearWeight::Dense(t) => dense(t),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+        };
+        w + self.dense_copy.as_ref().map_or(0, dense) + self.bias.as_ref().map_or(0, dense)
     }
 
     /// `x`: `[tokens, in_features]` → `[tokens, out_features]`.
@@ -114,6 +138,10 @@ impl Linear {
                 x.matmul(&q.dequantize(x.device())?.t()?)?
             }
             (LinearWeight::Quantized(_), Some(m), _) => m.forward(x)?,
+        };
+        let y = match &self.reduce {
+            Some(s) => all_reduce_tensor(s.comm.as_ref(), &y)?,
+            None => y,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -131,6 +159,14 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    /// Bytes of the table as stored.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
     /// `ids`: `[tokens]` u32 → `[tokens, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {

@@ -5,6 +5,10 @@
 //! slot, prefill chunks and single decode tokens mixed. Everything position-independent (norms,
 //! projections, MLP) runs once over all the step's tokens stacked `[tokens, hidden]`; only the
 //! attention core loops over sequences, each against its own cache.
+//!
+//! With tensor parallelism (see `parallel`) the same code runs on every rank: the linears come
+//! pre-split from the loader, attention sees only this rank's heads, and the row-parallel o/down
+//! projections sum over the group inside `Linear::forward`.
 
 use std::ops::Range;
 
@@ -14,6 +18,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv::{KvCache, SlotId};
 use crate::linear::{Embedding, Linear};
+use crate::parallel::{Shard, Split, Tp};
 use crate::weights::WeightSource;
 
 /// One sequence's share of a step.
@@ -125,26 +130,30 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// This rank's heads (all of them at TP=1).
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self> {
+    fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig, tp: &Tp) -> Result<Self> {
         let (h, kvh, hd, hidden) = (
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim,
             cfg.hidden_size,
         );
+        let (col, row) = (tp.column(), tp.row());
         Ok(Self {
-            q: w.linear(&format!("{p}.q_proj"), h * hd, hidden, cfg.qkv_bias)?,
-            k: w.linear(&format!("{p}.k_proj"), kvh * hd, hidden, cfg.qkv_bias)?,
-            v: w.linear(&format!("{p}.v_proj"), kvh * hd, hidden, cfg.qkv_bias)?,
-            o: w.linear(&format!("{p}.o_proj"), hidden, h * hd, false)?,
-            num_heads: h,
-            num_kv_heads: kvh,
+            q: w.linear(&format!("{p}.q_proj"), h * hd, hidden, cfg.qkv_bias, &col)?,
+            k: w.linear(&format!("{p}.k_proj"), kvh * hd, hidden, cfg.qkv_bias, &col)?,
+            v: w.linear(&format!("{p}.v_proj"), kvh * hd, hidden, cfg.qkv_bias, &col)?,
+            o: w.linear(&format!("{p}.o_proj"), hidden, h * hd, false, &row)?,
+            // Contiguous head ranges per rank keep each query head with its KV head: the group
+            // of query heads sharing a KV head is adjacent and splits evenly.
+            num_heads: h / tp.size(),
+            num_kv_heads: kvh / tp.size(),
             head_dim: hd,
         })
     }
@@ -217,13 +226,18 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self> {
+    fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig, tp: &Tp) -> Result<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (col, row) = (tp.column(), tp.row());
         Ok(Self {
-            gate: w.linear(&format!("{p}.gate_proj"), inter, hidden, false)?,
-            up: w.linear(&format!("{p}.up_proj"), inter, hidden, false)?,
-            down: w.linear(&format!("{p}.down_proj"), hidden, inter, false)?,
+            gate: w.linear(&format!("{p}.gate_proj"), inter, hidden, false, &col)?,
+            up: w.linear(&format!("{p}.up_proj"), inter, hidden, false, &col)?,
+            down: w.linear(&format!("{p}.down_proj"), hidden, inter, false, &row)?,
         })
+    }
+
+    fn linears(&self) -> [&Linear; 3] {
+        [&self.gate, &self.up, &self.down]
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -240,15 +254,22 @@ struct Block {
 }
 
 impl Block {
-    fn load(w: &mut WeightSource, i: usize, cfg: &ModelConfig) -> Result<Self> {
+    fn load(w: &mut WeightSource, i: usize, cfg: &ModelConfig, tp: &Tp) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let hidden = cfg.hidden_size;
         Ok(Self {
             input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-            attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), cfg, tp)?,
             post_attn_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, tp)?,
         })
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let a = &self.attn;
+        [&a.q, &a.k, &a.v, &a.o]
+            .into_iter()
+            .chain(self.mlp.linears())
     }
 }
 
@@ -273,35 +294,93 @@ pub struct Transformer {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
+    /// The LM head is the embedding table (tied): counted once in `weight_bytes`.
+    lm_head_tied: bool,
     rope: Rope,
     max_context: usize,
     device: Device,
+    shard: Option<Shard>,
+    /// KV heads this rank attends with and caches.
+    local_kv_heads: usize,
 }
 
 impl Transformer {
-    pub(crate) fn load(w: &mut WeightSource, cfg: ModelConfig, max_context: usize) -> Result<Self> {
+    /// `shard`: this rank's place in a tensor-parallel group (the config must split evenly over
+    /// it; `Model::load` checks), or `None` for the whole model.
+    pub(crate) fn load(
+        w: &mut WeightSource,
+        cfg: ModelConfig,
+        max_context: usize,
+        shard: Option<&Shard>,
+    ) -> Result<Self> {
         let device = Device::Cpu;
+        let tp = Tp::new(shard);
+        // Replicated on every rank: sharding the vocabulary would cost an all-gather of the
+        // logits per step, and these are a small share of all but the smallest models.
         let embed = w.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::load(w, i, &cfg))
+            .map(|i| Block::load(w, i, &cfg, &tp))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.tensor("model.norm.weight", &[cfg.hidden_size])?;
-        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
-            w.linear("lm_head", cfg.vocab_size, cfg.hidden_size, false)?
-        } else {
+        let lm_head_tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
+        let lm_head = if lm_head_tied {
             embed.as_linear(w.batch_matmul())?
+        } else {
+            w.linear(
+                "lm_head",
+                cfg.vocab_size,
+                cfg.hidden_size,
+                false,
+                &Split::Full,
+            )?
         };
         let rope = Rope::new(&cfg, max_context, &device)?;
+        let local_kv_heads = cfg.num_kv_heads / tp.size();
         Ok(Self {
             cfg,
             embed,
             blocks,
             norm,
             lm_head,
+            lm_head_tied,
             rope,
             max_context,
             device,
+            shard: shard.cloned(),
+            local_kv_heads,
         })
+    }
+
+    /// This rank's tensor-parallel group, if it is one.
+    pub fn shard(&self) -> Option<&Shard> {
+        self.shard.as_ref()
+    }
+
+    /// Bytes of the block linears (q/k/v/o/gate/up/down) this rank holds: what tensor
+    /// parallelism divides by the group size.
+    pub fn sharded_weight_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(Block::linears)
+            .map(Linear::weight_bytes)
+            .sum()
+    }
+
+    /// Bytes of all weights this rank holds: the sharded block linears plus the replicated
+    /// embedding, LM head and norms.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let norms: usize = self
+            .blocks
+            .iter()
+            .map(|b| dense(&b.input_norm) + dense(&b.post_attn_norm))
+            .sum();
+        let head = if self.lm_head_tied {
+            0
+        } else {
+            self.lm_head.weight_bytes()
+        };
+        self.sharded_weight_bytes() + self.embed.weight_bytes() + head + norms + dense(&self.norm)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -317,11 +396,11 @@ impl Transformer {
         self.lm_head.is_quantized() || self.blocks.iter().any(|b| b.mlp.up.is_quantized())
     }
 
-    /// A KV cache shaped for this model.
+    /// A KV cache shaped for this model (this rank's KV heads only, under tensor parallelism).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(
             self.cfg.num_layers,
-            self.cfg.num_kv_heads,
+            self.local_kv_heads,
             self.cfg.head_dim,
             self.max_context,
             self.device.clone(),

@@ -1,6 +1,8 @@
 //! Where weights come from: a Hugging Face folder (safetensors, single or sharded) or a GGUF file.
 //! The model asks for tensors by their Hugging Face names; the GGUF source maps them to llama.cpp
 //! names and undoes llama.cpp's q/k row permutation, so one model file serves both formats.
+//! With tensor parallelism each linear is cut to this rank's slice here, as it is read, so a rank
+//! only ever keeps its own share of the block weights.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::Architecture;
 use crate::error::{ModelError, Result};
 use crate::linear::{BatchMatmul, Embedding, Linear, LinearWeight};
+use crate::parallel::Split;
 
 /// How to run a GGUF file's block-quantized weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,7 +55,7 @@ impl WeightSource {
     /// A dense f32 tensor (norm weights, biases).
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = match self {
-            WeightSource::Hf(h) => h.get(name)?,
+            WeightSource::Hf(h) => h.take(name)?,
             WeightSource::Gguf(g) => g.qtensor(name)?.dequantize(&Device::Cpu)?,
         };
         check_shape(self.path(), name, &t, shape)?;
@@ -66,39 +69,51 @@ impl WeightSource {
         }
     }
 
-    pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    /// The linear `name` (`[out, inp]` in the file), or this rank's slice of it under `split`.
+    pub fn linear(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        split: &Split,
+    ) -> Result<Linear> {
+        let wname = format!("{name}.weight");
         let weight = match self {
             WeightSource::Hf(h) => {
-                let w = h.get(&format!("{name}.weight"))?;
-                check_shape(&h.dir, &format!("{name}.weight"), &w, &[out, inp])?;
-                LinearWeight::Dense(w)
+                let w = h.take(&wname)?;
+                check_shape(&h.dir, &wname, &w, &[out, inp])?;
+                LinearWeight::Dense(match split {
+                    Split::Full => w,
+                    Split::Column { .. } => keep_part(&w, 0, split.part(out, &wname)?)?,
+                    Split::Row(_) => keep_part(&w, 1, split.part(inp, &wname)?)?,
+                })
             }
-            WeightSource::Gguf(g) => {
-                let q = g.qtensor(&format!("{name}.weight"))?;
-                let dims = q.shape().dims().to_vec();
-                if dims != [out, inp] {
-                    return Err(ModelError::WrongShape {
-                        path: g.path.clone(),
-                        tensor: g.gguf_name(&format!("{name}.weight")).unwrap_or_default(),
-                        got: dims,
-                        want: vec![out, inp],
-                    });
-                }
-                g.to_linear_weight(q)?
-            }
+            WeightSource::Gguf(g) => g.linear_weight(&wname, out, inp, split)?,
         };
         let bias = if bias {
-            Some(self.tensor(&format!("{name}.bias"), &[out])?)
+            let bname = format!("{name}.bias");
+            let b = self.tensor(&bname, &[out])?;
+            // A column slice owns its output rows and their bias; a row-parallel layer adds the
+            // whole bias once, after the all-reduce.
+            Some(match split {
+                Split::Column { .. } => keep_part(&b, 0, split.part(out, &bname)?)?,
+                Split::Full | Split::Row(_) => b,
+            })
         } else {
             None
         };
-        Linear::with_policy(weight, bias, self.batch_matmul())
+        let linear = Linear::with_policy(weight, bias, self.batch_matmul())?;
+        Ok(match split {
+            Split::Row(shard) => linear.all_reduced_over(shard.clone()),
+            Split::Full | Split::Column { .. } => linear,
+        })
     }
 
     pub fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         match self {
             WeightSource::Hf(h) => {
-                let w = h.get(&format!("{name}.weight"))?;
+                let w = h.take(&format!("{name}.weight"))?;
                 check_shape(&h.dir, name, &w, &[vocab, hidden])?;
                 Ok(Embedding::Dense(w))
             }
@@ -121,6 +136,15 @@ impl WeightSource {
             }
         }
     }
+}
+
+/// `t` narrowed to `part` along `dim`, copied into its own storage so the full tensor can be freed
+/// (`contiguous()` alone would keep a row slice as a view of the whole buffer).
+fn keep_part(t: &Tensor, dim: usize, part: Option<(usize, usize)>) -> Result<Tensor> {
+    Ok(match part {
+        Some((start, len)) => t.narrow(dim, start, len)?.force_contiguous()?,
+        None => t.clone(),
+    })
 }
 
 fn check_shape(path: &Path, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
@@ -195,10 +219,12 @@ impl HfWeights {
         })
     }
 
-    fn get(&self, name: &str) -> Result<Tensor> {
+    /// Removes the tensor from the source: each is read once, and dropping it as soon as the model
+    /// has kept what it needs (with tensor parallelism, one slice) bounds a rank's memory.
+    fn take(&mut self, name: &str) -> Result<Tensor> {
         let (_, t) = self
             .tensors
-            .get(name)
+            .remove(name)
             .ok_or_else(|| ModelError::MissingTensor {
                 path: self.dir.clone(),
                 tensor: name.to_owned(),
@@ -285,8 +311,98 @@ impl GgufWeights {
         Some(format!("{mapped}.{suffix}"))
     }
 
-    /// Reads one tensor's raw blocks, un-permuting llama q/k rows to the Hugging Face layout.
+    /// Reads one tensor and builds it as a `QTensor`.
     fn qtensor(&mut self, hf_name: &str) -> Result<QTensor> {
+        let raw = self.read_raw(hf_name)?;
+        self.build(&raw.name, raw.dtype, &raw.bytes, raw.dims)
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        dtype: GgmlDType,
+        bytes: &[u8],
+        dims: Vec<usize>,
+    ) -> Result<QTensor> {
+        qtensor_from_ggml(dtype, bytes, dims, &Device::Cpu).map_err(|e| {
+            ModelError::UnsupportedQuantization {
+                path: self.path.clone(),
+                tensor: name.to_owned(),
+                dtype: format!("{dtype:?} ({e})"),
+            }
+        })
+    }
+
+    /// A linear weight `[out, inp]`, or this rank's slice of it.
+    ///
+    /// Rows of a GGUF tensor are quantized independently, in blocks along the input dimension.
+    /// A column slice is therefore a run of whole rows of raw blocks (taken after the q/k
+    /// un-permutation, which moves rows only within a head, and slices hold whole heads). A row
+    /// slice cuts every row: when it falls on block boundaries it is the same blocks of each
+    /// row; otherwise the weight is dequantized, cut in f32, and re-quantized to Q8_0 when the
+    /// slice allows (kept dense if not).
+    fn linear_weight(
+        &mut self,
+        hf_name: &str,
+        out: usize,
+        inp: usize,
+        split: &Split,
+    ) -> Result<LinearWeight> {
+        let raw = self.read_raw(hf_name)?;
+        if raw.dims != [out, inp] {
+            return Err(ModelError::WrongShape {
+                path: self.path.clone(),
+                tensor: raw.name,
+                got: raw.dims,
+                want: vec![out, inp],
+            });
+        }
+        let row_bytes = raw.bytes.len() / out.max(1);
+        let (dims, bytes) = match split {
+            Split::Full => (raw.dims, raw.bytes),
+            Split::Column { .. } => match split.part(out, &raw.name)? {
+                Some((start, len)) => (
+                    vec![len, inp],
+                    raw.bytes[start * row_bytes..(start + len) * row_bytes].to_vec(),
+                ),
+                None => (raw.dims, raw.bytes),
+            },
+            Split::Row(_) => match split.part(inp, &raw.name)? {
+                None => (raw.dims, raw.bytes),
+                Some((start, len))
+                    if row_bytes > 0 && len.is_multiple_of(raw.dtype.block_size()) =>
+                {
+                    let per_block = raw.dtype.type_size();
+                    let from = start / raw.dtype.block_size() * per_block;
+                    let n = len / raw.dtype.block_size() * per_block;
+                    let mut bytes = Vec::with_capacity(out * n);
+                    for row in raw.bytes.chunks_exact(row_bytes) {
+                        bytes.extend_from_slice(&row[from..from + n]);
+                    }
+                    (vec![out, len], bytes)
+                }
+                Some((start, len)) => {
+                    let q = self.build(&raw.name, raw.dtype, &raw.bytes, raw.dims)?;
+                    let dense = q
+                        .dequantize(&Device::Cpu)?
+                        .narrow(1, start, len)?
+                        .force_contiguous()?;
+                    let q8 = GgmlDType::Q8_0.block_size();
+                    return Ok(match self.mode {
+                        QuantMode::Quantized if len.is_multiple_of(q8) => LinearWeight::Quantized(
+                            Arc::new(QTensor::quantize(&dense, GgmlDType::Q8_0)?),
+                        ),
+                        _ => LinearWeight::Dense(dense),
+                    });
+                }
+            },
+        };
+        let q = self.build(&raw.name, raw.dtype, &bytes, dims)?;
+        self.to_linear_weight(q)
+    }
+
+    /// Reads one tensor's raw blocks, un-permuting llama q/k rows to the Hugging Face layout.
+    fn read_raw(&mut self, hf_name: &str) -> Result<RawTensor> {
         let name = self
             .gguf_name(hf_name)
             .ok_or_else(|| ModelError::MissingTensor {
@@ -349,14 +465,12 @@ impl GgufWeights {
                 raw = unpermute_rows(&raw, dims[0], heads);
             }
         }
-        let t = qtensor_from_ggml(dtype, &raw, dims, &Device::Cpu).map_err(|e| {
-            ModelError::UnsupportedQuantization {
-                path: self.path.clone(),
-                tensor: name.clone(),
-                dtype: format!("{dtype:?} ({e})"),
-            }
-        })?;
-        Ok(t)
+        Ok(RawTensor {
+            name,
+            dtype,
+            dims,
+            bytes: raw,
+        })
     }
 
     fn to_linear_weight(&self, q: QTensor) -> Result<LinearWeight> {
@@ -372,6 +486,15 @@ impl GgufWeights {
             (QuantMode::Quantized, _) => LinearWeight::Quantized(Arc::new(q)),
         })
     }
+}
+
+/// One GGUF tensor as stored: `dims` in Hugging Face order (`[out, in]` for linears), `bytes` the
+/// row-major blocks.
+struct RawTensor {
+    name: String,
+    dtype: GgmlDType,
+    dims: Vec<usize>,
+    bytes: Vec<u8>,
 }
 
 /// llama.cpp's converter reorders each head's rows from HF's "rotate half" RoPE layout
@@ -393,4 +516,141 @@ fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use candle_core::quantized::gguf_file;
+    use tandem_collective::{CollectiveError, Communicator};
+
+    use super::*;
+    use crate::parallel::Shard;
+
+    /// Only rank and size matter to the loader; it never communicates.
+    struct FakeRank {
+        rank: usize,
+        size: usize,
+    }
+
+    impl Communicator for FakeRank {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> std::result::Result<(), CollectiveError> {
+            Err(CollectiveError::InvalidArgument("fake".into()))
+        }
+        fn broadcast(&self, _: usize, _: &mut Vec<u8>) -> std::result::Result<(), CollectiveError> {
+            Err(CollectiveError::InvalidArgument("fake".into()))
+        }
+        fn barrier(&self) -> std::result::Result<(), CollectiveError> {
+            Err(CollectiveError::InvalidArgument("fake".into()))
+        }
+    }
+
+    const Q: &str = "model.layers.0.self_attn.q_proj.weight";
+    const O: &str = "model.layers.0.self_attn.o_proj.weight";
+
+    /// A GGUF holding one weight `[out, inp]` of `dtype` as both attn_q and attn_output.
+    fn gguf(
+        dtype: GgmlDType,
+        out: usize,
+        inp: usize,
+        mode: QuantMode,
+    ) -> (tempfile::TempDir, GgufWeights) {
+        let n = out * inp;
+        let data: Vec<f32> = (0..n)
+            .map(|i| {
+                ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % inp) as f32 / inp as f32)
+            })
+            .collect();
+        let w = Tensor::from_vec(data, (out, inp), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.gguf");
+        let mut f = File::create(&path).unwrap();
+        gguf_file::write(
+            &mut f,
+            &[],
+            &[
+                ("blk.0.attn_q.weight", &q),
+                ("blk.0.attn_output.weight", &q),
+            ],
+        )
+        .unwrap();
+        drop(f);
+        let mut g = GgufWeights::open(&path, mode, BatchMatmul::default()).unwrap();
+        // head_dim 16: the q/k un-permutation reorders rows within each head.
+        g.set_layout(Architecture::Llama, out / 16, out / 16);
+        (dir, g)
+    }
+
+    fn dense(w: &LinearWeight) -> Tensor {
+        match w {
+            LinearWeight::Dense(t) => t.clone(),
+            LinearWeight::Quantized(q) => q.dequantize(&Device::Cpu).unwrap(),
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Every rank's slice, dequantized, equals the same part of the whole (TP=1) weight: exactly
+    /// when the slice falls on block boundaries, within Q8_0 error when it had to be re-quantized.
+    #[test]
+    fn gguf_slices_match_the_whole_weight() {
+        let (out, size) = (64, 2);
+        for mode in [QuantMode::Quantized, QuantMode::Dequantized] {
+            for dtype in [
+                GgmlDType::F32,
+                GgmlDType::Q8_0,
+                GgmlDType::Q4_1,
+                GgmlDType::Q4K,
+            ] {
+                for inp in [256, 512] {
+                    let (_dir, mut g) = gguf(dtype, out, inp, mode);
+                    let whole_q = dense(&g.linear_weight(Q, out, inp, &Split::Full).unwrap());
+                    let whole_o = dense(&g.linear_weight(O, out, inp, &Split::Full).unwrap());
+                    for rank in 0..size {
+                        let what = format!("{mode:?} {dtype:?} in {inp} rank {rank}");
+                        let col = Split::Column { rank, size };
+                        let w = g.linear_weight(Q, out, inp, &col).unwrap();
+                        let part = whole_q.narrow(0, rank * out / size, out / size).unwrap();
+                        assert_eq!(max_diff(&dense(&w), &part), 0.0, "column {what}");
+
+                        let shard = Shard::new(Arc::new(FakeRank { rank, size }));
+                        let w = g.linear_weight(O, out, inp, &Split::Row(shard)).unwrap();
+                        let len = inp / size;
+                        let part = whole_o.narrow(1, rank * len, len).unwrap();
+                        let diff = max_diff(&dense(&w), &part);
+                        let aligned = len % dtype.block_size() == 0;
+                        if aligned || mode == QuantMode::Dequantized {
+                            assert_eq!(diff, 0.0, "row {what}");
+                        } else {
+                            // Q4_K cut mid-block: dequantized, cut, re-quantized to Q8_0.
+                            assert!(diff < 0.02, "row {what}: {diff}");
+                        }
+                        if mode == QuantMode::Quantized && dtype != GgmlDType::F32 {
+                            assert!(matches!(w, LinearWeight::Quantized(_)), "row {what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

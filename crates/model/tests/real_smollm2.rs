@@ -113,6 +113,7 @@ fn smollm2_quantized_agrees_with_dequantized() {
                     dense_from_rows: usize::MAX,
                     keep_dense_copy: false,
                 },
+                shard: None,
             },
         )
         .unwrap()
