@@ -19,6 +19,7 @@ struct Args {
     model: PathBuf,
     quant: QuantMode,
     keep_dense: bool,
+    dense_from_rows: Option<usize>,
     concurrency: Vec<usize>,
     new_tokens: usize,
     prompt_tokens: usize,
@@ -29,6 +30,7 @@ fn args() -> Args {
         model: PathBuf::new(),
         quant: QuantMode::Quantized,
         keep_dense: false,
+        dense_from_rows: None,
         concurrency: vec![1, 4, 16, 32],
         new_tokens: 64,
         prompt_tokens: 256,
@@ -39,6 +41,7 @@ fn args() -> Args {
             "--model" => a.model = it.next().unwrap().into(),
             "--dequantized" => a.quant = QuantMode::Dequantized,
             "--keep-dense" => a.keep_dense = true,
+            "--dense-from-rows" => a.dense_from_rows = Some(it.next().unwrap().parse().unwrap()),
             "--concurrency" => {
                 a.concurrency = it
                     .next()
@@ -80,7 +83,9 @@ fn main() {
             max_context: Some(4096),
             batch_matmul: BatchMatmul {
                 keep_dense_copy: a.keep_dense,
-                ..Default::default()
+                dense_from_rows: a
+                    .dense_from_rows
+                    .unwrap_or(BatchMatmul::default().dense_from_rows),
             },
             ..Default::default()
         },

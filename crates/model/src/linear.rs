@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 use tandem_collective::all_reduce_tensor;
 
@@ -33,6 +33,14 @@ pub struct BatchMatmul {
     /// Keep the dequantized f32 weights in memory (4 bytes per parameter more) instead of
     /// dequantizing on each such batch; then dense from `KEPT_DENSE_FROM_ROWS` rows.
     pub keep_dense_copy: bool,
+}
+
+/// candle repacks Q4_K and Q6_K weights into tiles for a batched kernel that does reuse weights
+/// across rows, when the inner dimension is a multiple of 256 (AVX2 and up). There that kernel
+/// beats dequantize-then-GEMM: Qwen2.5-Coder-1.5B prefill 54.6 vs 35.5 tok/s, same run.
+fn has_fast_batched_kernel(q: &QTensor) -> bool {
+    let k = q.shape().dims().last().copied().unwrap_or(0);
+    matches!(q.dtype(), GgmlDType::Q4K | GgmlDType::Q6K) && k > 0 && k.is_multiple_of(256)
 }
 
 /// With a kept copy the dense path pays no dequantization, so it wins from fewer rows.
@@ -83,10 +91,10 @@ impl Linear {
                     .transpose()?,
             ),
         };
-        let dense_from_rows = if dense_copy.is_some() {
-            KEPT_DENSE_FROM_ROWS.min(policy.dense_from_rows)
-        } else {
-            policy.dense_from_rows
+        let dense_from_rows = match &weight {
+            _ if dense_copy.is_some() => KEPT_DENSE_FROM_ROWS.min(policy.dense_from_rows),
+            LinearWeight::Quantized(q) if has_fast_batched_kernel(q) => usize::MAX,
+            _ => policy.dense_from_rows,
         };
         Ok(Self {
             weight,
