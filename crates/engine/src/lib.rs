@@ -2,11 +2,13 @@
 //! continuous-batching scheduler that runs many sequences through one model.
 
 pub mod detokenize;
+pub mod group;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod stopping;
 
+pub use group::{Follower, FollowerError};
 pub use request::{EngineError, Event, Request, TokenEvent, Usage};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{Engine, EngineConfig, EngineStats, Generation};

@@ -155,4 +155,6 @@ pub enum EngineError {
     Detokenize(String),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("tensor-parallel group failed ({0}); this replica cannot serve until restarted")]
+    GroupFailed(String),
 }

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use tandem_collective::Communicator;
 use tandem_model::{KvCache, Model, SeqInput, SlotId, TextModel, Transformer};
 use tokio::sync::mpsc;
 
 use crate::detokenize::IncrementalDecoder;
+use crate::group::{SlotOp, StepPlan};
 use crate::request::{EngineError, Event, Request, TokenEvent, Usage};
 use crate::sampling::Sampler;
 use crate::stopping::{FinishReason, StopChecker};
@@ -53,6 +55,8 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Set when a tensor-parallel group broke (a rank died): this replica can't serve anymore.
+    pub group_failed: std::sync::atomic::AtomicBool,
 }
 
 enum Command {
@@ -123,12 +127,32 @@ impl Drop for ThreadGuard {
 
 impl Engine {
     pub fn start(model: Model, cfg: EngineConfig) -> Engine {
+        Self::start_inner(model, cfg, None)
+    }
+
+    /// The leader (rank 0) of a tensor-parallel group: `model` holds this rank's shard over
+    /// `comm`, and every other rank runs a `group::Follower` over the same communicator.
+    pub fn start_group(model: Model, cfg: EngineConfig, comm: Arc<dyn Communicator>) -> Engine {
+        Self::start_inner(model, cfg, Some(comm))
+    }
+
+    fn start_inner(
+        model: Model,
+        cfg: EngineConfig,
+        group: Option<Arc<dyn Communicator>>,
+    ) -> Engine {
         let (tx, rx) = std_mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let text = model.text.clone();
         let max_context = model.transformer.max_context();
         let vocab_size = model.transformer.config().vocab_size;
-        let mut sched = Scheduler::new(model.transformer, text.clone(), cfg.clone(), stats.clone());
+        let mut sched = Scheduler::new(
+            model.transformer,
+            text.clone(),
+            cfg.clone(),
+            stats.clone(),
+            group,
+        );
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
             .spawn(move || sched.run(rx))
@@ -169,6 +193,11 @@ impl Engine {
     /// that does not fit the context, or a full queue.
     pub fn submit(&self, req: Request) -> Result<Generation, EngineError> {
         req.validate(self.max_context, self.vocab_size)?;
+        if self.stats.group_failed.load(Ordering::SeqCst) {
+            return Err(EngineError::GroupFailed(
+                "a rank of this tensor-parallel group is gone".into(),
+            ));
+        }
         // Reserve the queue place before sending, so concurrent submits can't overshoot.
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.cfg.max_waiting {
@@ -225,6 +254,10 @@ struct Scheduler {
     stats: Arc<EngineStats>,
     waiting: VecDeque<Pending>,
     running: Vec<Running>,
+    /// Tensor-parallel group (leader side) and the slot operations followers haven't seen yet.
+    group: Option<Arc<dyn Communicator>>,
+    pending_ops: Vec<SlotOp>,
+    failed: Option<String>,
 }
 
 impl Scheduler {
@@ -233,6 +266,7 @@ impl Scheduler {
         text: TextModel,
         cfg: EngineConfig,
         stats: Arc<EngineStats>,
+        group: Option<Arc<dyn Communicator>>,
     ) -> Self {
         let kv = model.new_cache();
         Self {
@@ -243,30 +277,86 @@ impl Scheduler {
             stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            group,
+            pending_ops: Vec::new(),
+            failed: None,
         }
     }
 
+    fn allocate_slot(&mut self) -> SlotId {
+        let id = self.kv.allocate();
+        if self.group.is_some() {
+            self.pending_ops.push(SlotOp::Alloc(id.0));
+        }
+        id
+    }
+
+    fn free_slot(&mut self, id: SlotId) {
+        self.kv.free(id);
+        if self.group.is_some() {
+            self.pending_ops.push(SlotOp::Free(id.0));
+        }
+    }
+
+    /// A rank is gone: nothing can run anymore. Fail everything, now and from now on.
+    fn fail_group(&mut self, why: String) {
+        tracing::error!(error = %why, "tensor-parallel group failed");
+        self.stats.group_failed.store(true, Ordering::SeqCst);
+        let err = EngineError::GroupFailed(why.clone());
+        for r in self.running.drain(..) {
+            let _ = r.events.send(Event::Error(err.clone()));
+        }
+        for p in self.waiting.drain(..) {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let _ = p.events.send(Event::Error(err.clone()));
+        }
+        self.failed = Some(why);
+    }
+
     fn run(&mut self, rx: std_mpsc::Receiver<Command>) {
-        // Requests sent meanwhile wait in the channel.
+        // Requests sent meanwhile wait in the channel. In a group every follower runs the same
+        // warm-up, meeting us in its all-reduces.
         if let Err(e) = self.model.warm_up() {
-            tracing::warn!(error = %e, "warm-up forward failed");
+            if self.group.is_some() {
+                self.fail_group(format!("warm-up forward: {e}"));
+            } else {
+                tracing::warn!(error = %e, "warm-up forward failed");
+            }
         }
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
                 // Idle: block until work arrives; exit when every handle is gone.
                 match rx.recv() {
                     Ok(cmd) => self.handle(cmd),
-                    Err(_) => return,
+                    Err(_) => break,
                 }
             }
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
+            }
+            if let Some(why) = &self.failed {
+                // Refuse what arrived; keep draining commands until every handle is gone.
+                let err = EngineError::GroupFailed(why.clone());
+                for p in self.waiting.drain(..) {
+                    self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let _ = p.events.send(Event::Error(err.clone()));
+                }
+                continue;
             }
             self.admit();
             if !self.running.is_empty() {
                 self.step();
             }
             self.publish_stats();
+        }
+        // Tell the followers to stop (they would otherwise wait for the next plan forever).
+        if let (Some(comm), None) = (&self.group, &self.failed) {
+            let mut bytes = StepPlan {
+                shutdown: true,
+                ..Default::default()
+            }
+            .encode();
+            let _ = comm.broadcast(0, &mut bytes);
         }
     }
 
@@ -280,7 +370,7 @@ impl Scheduler {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 } else if let Some(i) = self.running.iter().position(|r| r.id == id) {
                     let r = self.running.swap_remove(i);
-                    self.kv.free(r.slot);
+                    self.free_slot(r.slot);
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -300,6 +390,7 @@ impl Scheduler {
             let tail_start = p.req.prompt.len().saturating_sub(8);
             let decoder =
                 IncrementalDecoder::new(self.text.tokenizer.clone(), &p.req.prompt[tail_start..]);
+            let slot = self.allocate_slot();
             let mut stop = p.req.stop.clone();
             if !p.req.ignore_eos {
                 stop.eos_ids.extend(&self.text.eos_token_ids);
@@ -309,7 +400,7 @@ impl Scheduler {
                 .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
             self.running.push(Running {
                 id: p.id,
-                slot: self.kv.allocate(),
+                slot,
                 prompt_len: p.req.prompt.len(),
                 cached: 0,
                 sampler: Sampler::new(p.req.sampling.clone(), &p.req.prompt),
@@ -357,6 +448,22 @@ impl Scheduler {
                 }
             })
             .collect();
+        if let Some(comm) = &self.group {
+            let plan = StepPlan {
+                ops: std::mem::take(&mut self.pending_ops),
+                batch: batch
+                    .iter()
+                    .map(|s| (s.slot.0, s.tokens.to_vec(), s.all_logits))
+                    .collect(),
+                shutdown: false,
+            };
+            let mut bytes = plan.encode();
+            if let Err(e) = comm.broadcast(0, &mut bytes) {
+                drop(batch);
+                self.fail_group(format!("broadcasting the step plan: {e}"));
+                return;
+            }
+        }
         let result = self
             .model
             .forward(&mut self.kv, &batch)
@@ -365,6 +472,11 @@ impl Scheduler {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
+            Err(e) if self.group.is_some() => {
+                // In a group a failed forward means a failed all-reduce: a rank is gone.
+                self.fail_group(format!("forward: {e}"));
+                return;
+            }
             Err(e) => {
                 // A failed forward must not hang anyone: fail the sequences of this step.
                 tracing::error!(error = %e, "forward failed; failing the step's sequences");
@@ -372,7 +484,7 @@ impl Scheduler {
                 ids.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in ids {
                     let r = self.running.swap_remove(i);
-                    self.kv.free(r.slot);
+                    self.free_slot(r.slot);
                     let _ = r
                         .events
                         .send(Event::Error(EngineError::Model(e.to_string())));
@@ -397,7 +509,7 @@ impl Scheduler {
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let r = self.running.swap_remove(i);
-            self.kv.free(r.slot);
+            self.free_slot(r.slot);
             if reason.is_none() {
                 // The client went away (its receiver is gone): that is a cancellation too.
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);

@@ -75,6 +75,21 @@ impl KvCache {
         }
     }
 
+    /// Creates the slot `id` (empty), as the group leader allocated it: followers of a
+    /// tensor-parallel group mirror the leader's slot ids instead of choosing their own.
+    pub fn allocate_at(&mut self, id: SlotId) {
+        if self.slots.len() <= id.0 {
+            self.slots.resize_with(id.0 + 1, || None);
+        }
+        self.free.retain(|&i| i != id.0);
+        self.slots[id.0] = Some(Slot {
+            len: 0,
+            capacity: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+        });
+    }
+
     /// Releases a slot and its memory at once.
     pub fn free(&mut self, id: SlotId) {
         if let Some(s) = self.slots.get_mut(id.0) {

@@ -44,7 +44,7 @@ impl GenerateError {
                     Code::InvalidArgument
                 }
                 EngineError::QueueFull { .. } => Code::ResourceExhausted,
-                EngineError::Stopped => Code::Unavailable,
+                EngineError::Stopped | EngineError::GroupFailed(_) => Code::Unavailable,
                 EngineError::Model(_) | EngineError::Detokenize(_) => Code::Internal,
             },
         }

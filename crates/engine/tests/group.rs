@@ -1,0 +1,147 @@
+//! A tensor-parallel group in lockstep: the leader's engine broadcasts step plans, followers
+//! (threads here, each its own rank over TCP on loopback) mirror them. Output equals TP=1's;
+//! a follower that dies fails the group's requests with an error instead of hanging.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_collective::{Communicator, TcpCommunicator, TcpOptions};
+use tandem_engine::{
+    Engine, EngineConfig, EngineError, Follower, Request, SamplingParams, StopCriteria,
+};
+use tandem_model::{LoadOptions, Model, Shard};
+use tandem_testkit::{tiny_model, TinyConfig};
+
+fn greedy(prompt: Vec<u32>, n: usize) -> Request {
+    Request {
+        prompt,
+        sampling: SamplingParams::default(),
+        stop: StopCriteria {
+            max_new_tokens: n,
+            ..Default::default()
+        },
+        ignore_eos: true,
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..6u32)
+        .map(|i| {
+            (0..(2 + 7 * i))
+                .map(|j| (i * 13 + j * 5 + 3) % 300)
+                .collect()
+        })
+        .collect()
+}
+
+fn run(e: &Engine, n: usize) -> Vec<Vec<u32>> {
+    let gens: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| e.submit(greedy(p, n)).unwrap())
+        .collect();
+    gens.into_iter()
+        .map(|g| {
+            g.collect_blocking()
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|t| t.token)
+                .collect()
+        })
+        .collect()
+}
+
+fn cfg() -> TinyConfig {
+    let mut c = TinyConfig::llama();
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c
+}
+
+/// A non-leader rank: its loaded shard and its communicator.
+type Rank = (Model, Arc<dyn Communicator>);
+
+/// Rank 0's engine and the other ranks.
+fn group(dir: &std::path::Path, world: usize, io_timeout: Duration) -> (Engine, Vec<Rank>) {
+    let opts = TcpOptions {
+        io_timeout: Some(io_timeout),
+        ..Default::default()
+    };
+    let comms = TcpCommunicator::local_group(world, &opts).unwrap();
+    let mut ranks: Vec<Rank> = comms
+        .into_iter()
+        .map(|c| {
+            let comm: Arc<dyn Communicator> = Arc::new(c);
+            let model = Model::load(
+                dir,
+                &LoadOptions {
+                    shard: Some(Shard::new(comm.clone())),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            (model, comm)
+        })
+        .collect();
+    let (m0, c0) = ranks.remove(0);
+    (Engine::start_group(m0, EngineConfig::default(), c0), ranks)
+}
+
+#[test]
+fn group_of_two_equals_one_rank_and_stops_cleanly() {
+    let tiny = tiny_model(&cfg()).unwrap();
+    let single = Engine::start(
+        Model::load(&tiny.dir, &LoadOptions::default()).unwrap(),
+        EngineConfig::default(),
+    );
+    let want = run(&single, 20);
+
+    let (leader, followers) = group(&tiny.dir, 2, Duration::from_secs(2));
+    let handles: Vec<_> = followers
+        .into_iter()
+        .map(|(m, c)| std::thread::spawn(move || Follower::new(m.transformer, c).run()))
+        .collect();
+    assert_eq!(run(&leader, 20), want);
+    // A second wave after an idle gap longer than the socket timeout: idle followers wait.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(run(&leader, 20), want);
+    drop(leader);
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn a_dead_follower_fails_the_group_fast() {
+    let tiny = tiny_model(&cfg()).unwrap();
+    let (leader, mut followers) = group(&tiny.dir, 2, Duration::from_secs(2));
+    let (m, c) = followers.remove(0);
+    // The follower runs the warm-up and a few steps, then dies (drops its connections).
+    let h = std::thread::spawn(move || {
+        let mut f = Follower::new(m.transformer, c);
+        f.warm_up().unwrap();
+        for _ in 0..3 {
+            f.step().unwrap();
+        }
+    });
+    let start = Instant::now();
+    let g = leader.submit(greedy(vec![1, 2, 3], 200)).unwrap();
+    let err = g.collect_blocking().err();
+    h.join().unwrap();
+    assert!(
+        matches!(err, Some(EngineError::GroupFailed(_))),
+        "expected GroupFailed, got {err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    // From now on the replica refuses at once.
+    let again = leader.submit(greedy(vec![1, 2, 3], 4)).err();
+    assert!(
+        matches!(again, Some(EngineError::GroupFailed(_))),
+        "{again:?}"
+    );
+    assert!(leader
+        .stats()
+        .group_failed
+        .load(std::sync::atomic::Ordering::SeqCst));
+}
