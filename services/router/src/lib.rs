@@ -210,6 +210,7 @@ impl Router {
                 model_name: cfg.model_name.clone(),
                 max_new_tokens_limit: cfg.max_new_tokens_limit,
                 request_timeout: cfg.request_timeout,
+                max_message_bytes: cfg.max_message_bytes,
             },
             pool,
             metrics,
@@ -236,8 +237,11 @@ impl Router {
 
     async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let cfg = &self.cfg;
+        // tonic refuses oversized messages with OUT_OF_RANGE before our handler runs; let
+        // requests up to 4x the limit through so the handler can answer INVALID_ARGUMENT naming
+        // the limit, as clients expect for bad input. Beyond that tonic's hard cap applies.
         let generation = GenerationServer::new(self.service)
-            .max_decoding_message_size(cfg.max_message_bytes)
+            .max_decoding_message_size(cfg.max_message_bytes.saturating_mul(4))
             .max_encoding_message_size(cfg.max_message_bytes);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()

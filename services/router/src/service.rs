@@ -44,6 +44,8 @@ pub struct ServiceConfig {
     pub model_name: Option<String>,
     pub max_new_tokens_limit: usize,
     pub request_timeout: Option<Duration>,
+    /// Largest request accepted; bigger ones get INVALID_ARGUMENT naming the limit.
+    pub max_message_bytes: usize,
 }
 
 pub struct GenerationService {
@@ -395,6 +397,19 @@ impl Shared {
         deadline: Option<Instant>,
         mut tracker: Tracker,
     ) -> Result<(String, ChunkStream), Status> {
+        let size = prost::Message::encoded_len(&req);
+        if size > self.cfg.max_message_bytes {
+            let e = RequestError::invalid(
+                "request",
+                format!(
+                    "message is {size} bytes; the limit is {} bytes (max_message_bytes): send a \
+                     shorter input or raise the router's --max-message-bytes",
+                    self.cfg.max_message_bytes
+                ),
+            );
+            tracker.finish(e.code());
+            return Err(e.into());
+        }
         match self.start(req, deadline, tracker.started).await {
             Ok(p) => Ok((p.valid.model.name.clone(), self.clone().forward(p, tracker))),
             Err(e) => {

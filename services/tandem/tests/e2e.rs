@@ -564,6 +564,12 @@ async fn bad_inputs_are_invalid_argument_while_good_requests_stream() {
             "context",
         ),
         (
+            // Over the router's 4 MiB default message limit.
+            "message over the size limit",
+            text_req(&"x".repeat(5 << 20), 8),
+            "max_message_bytes",
+        ),
+        (
             "max_new_tokens 0",
             with_stopping(StoppingCriteria {
                 max_new_tokens: Some(0),
