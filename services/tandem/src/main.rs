@@ -106,6 +106,23 @@ pub struct WorkerArgs {
     /// How long SIGTERM waits for running sequences (e.g. 30s).
     #[arg(long, env = "TANDEM_WORKER_DRAIN_GRACE")]
     pub drain_grace: Option<Dur>,
+    /// This process's rank in its tensor-parallel group: 0 serves the shard API (the leader),
+    /// others only follow it and serve health [default: 0].
+    #[arg(long, env = "TANDEM_WORKER_RANK")]
+    pub rank: Option<usize>,
+    /// Ranks in the tensor-parallel group [default: 1, no group].
+    #[arg(long, env = "TANDEM_WORKER_WORLD_SIZE")]
+    pub world_size: Option<usize>,
+    /// Collective addresses of every rank, in rank order, comma separated (HOST:PORT); rank R
+    /// listens on the R-th. The same list on every rank.
+    #[arg(long, env = "TANDEM_WORKER_GROUP_PEERS", value_delimiter = ',')]
+    pub group_peers: Option<Vec<String>>,
+    /// How long ranks wait for each other to start [default: 60s].
+    #[arg(long, env = "TANDEM_WORKER_GROUP_CONNECT_TIMEOUT")]
+    pub group_connect_timeout: Option<Dur>,
+    /// Once loaded, how long a silent rank may stall a step before the group fails [default: 10s].
+    #[arg(long, env = "TANDEM_WORKER_GROUP_IO_TIMEOUT")]
+    pub group_io_timeout: Option<Dur>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -131,11 +148,54 @@ impl WorkerArgs {
                 max_message_bytes,
                 max_concurrent_streams,
                 drain_grace,
+                rank,
+                world_size,
+                group_peers,
+                group_connect_timeout,
+                group_io_timeout,
             ]
         );
     }
 
+    /// The group settings: `None` for world size 1 (no group).
+    fn group(&self) -> anyhow::Result<Option<tandem_worker::GroupConfig>> {
+        let world_size = self.world_size.unwrap_or(1);
+        let rank = self.rank.unwrap_or(0);
+        anyhow::ensure!(world_size >= 1, "--world-size must be at least 1");
+        if world_size == 1 {
+            anyhow::ensure!(rank == 0, "--rank {rank} needs --world-size above {rank}");
+            return Ok(None);
+        }
+        let peers = self.group_peers.clone().unwrap_or_default();
+        anyhow::ensure!(
+            peers.len() == world_size,
+            "--world-size {world_size} needs --group-peers with {world_size} HOST:PORT addresses (one per rank, rank order; TANDEM_WORKER_GROUP_PEERS or group_peers in the [worker] section), got {}",
+            peers.len()
+        );
+        let peers = peers
+            .iter()
+            .map(|p| {
+                use std::net::ToSocketAddrs as _;
+                p.to_socket_addrs()
+                    .with_context(|| format!("resolving group peer {p}"))?
+                    .next()
+                    .with_context(|| format!("group peer {p} resolves to no address"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut g = tandem_worker::GroupConfig::new(rank, world_size, peers);
+        if let Some(t) = self.group_connect_timeout {
+            g.connect_timeout = t.0;
+        }
+        if let Some(t) = self.group_io_timeout {
+            anyhow::ensure!(!t.0.is_zero(), "group_io_timeout must be above 0");
+            g.io_timeout = t.0;
+        }
+        g.validate()?;
+        Ok(Some(g))
+    }
+
     fn into_config(self) -> anyhow::Result<tandem_worker::WorkerConfig> {
+        let group = self.group()?;
         let model = self.model.context(
             "no model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_WORKER_MODEL, or set model in the [worker] section of the config file",
         )?;
@@ -172,6 +232,7 @@ impl WorkerArgs {
         if let Some(v) = self.drain_grace {
             cfg.drain_grace = v.0;
         }
+        cfg.group = group;
         Ok(cfg)
     }
 }
@@ -275,9 +336,13 @@ pub struct UpArgs {
     /// fetched on first use].
     #[arg(long, env = "TANDEM_UP_MODEL")]
     pub model: Option<PathBuf>,
-    /// Number of worker processes [default: 1].
+    /// Number of worker groups (replicas) [default: 1].
     #[arg(long, env = "TANDEM_UP_WORKERS")]
     pub workers: Option<usize>,
+    /// Tensor-parallel size: worker processes per group, each holding a shard of the model
+    /// [default: 2]. The model's heads and KV heads must divide by it.
+    #[arg(long, env = "TANDEM_UP_TP")]
+    pub tp: Option<usize>,
     /// Router address [default: 127.0.0.1:50051].
     #[arg(long, env = "TANDEM_UP_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -315,6 +380,7 @@ impl UpArgs {
             [
                 model,
                 workers,
+                tp,
                 listen,
                 metrics_listen,
                 quant,
@@ -344,35 +410,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut file = FileConfig::load(cli.config.as_deref())?;
     let json = cli.log_json.or(file.log_json).unwrap_or(false);
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    match cli.command {
+    let result = match cli.command {
         Command::Worker(mut args) => {
             tandem_runtime::init_tracing(json);
             args.layer(std::mem::take(&mut file.worker));
             let stdin_eof = args.exit_on_stdin_eof;
-            let cfg = args.into_config()?;
-            rt.block_on(tandem_worker::serve(cfg, shutdown(stdin_eof)))?;
+            args.into_config().and_then(|cfg| {
+                rt.block_on(tandem_worker::serve(cfg, shutdown(stdin_eof)))
+                    .map(|()| ExitCode::SUCCESS)
+            })
         }
         Command::Router(mut args) => {
             tandem_runtime::init_tracing(json);
             args.layer(std::mem::take(&mut file.router));
             let stdin_eof = args.exit_on_stdin_eof;
-            let cfg = args.into_config()?;
-            rt.block_on(tandem_router::serve(cfg, shutdown(stdin_eof)))?;
+            args.into_config().and_then(|cfg| {
+                rt.block_on(tandem_router::serve(cfg, shutdown(stdin_eof)))
+                    .map(|()| ExitCode::SUCCESS)
+            })
         }
         Command::Up(mut args) => {
             tandem_runtime::init_tracing(json);
             args.layer(std::mem::take(&mut file.up));
-            return rt.block_on(up::run(args, json));
+            rt.block_on(up::run(args, json))
         }
-        Command::Generate(args) => return rt.block_on(generate::run(args)),
+        Command::Generate(args) => rt.block_on(generate::run(args)),
         Command::Bench(args) => {
             tandem_runtime::init_tracing(json);
-            rt.block_on(bench::run(args))?;
+            rt.block_on(bench::run(args)).map(|()| ExitCode::SUCCESS)
         }
-    }
-    // Don't wait for stray blocking tasks (a stdin reader) once the server has stopped.
+    };
+    // Don't wait for stray blocking tasks (a stdin reader, a follower loop) once the server has
+    // stopped, on success or failure: dropping the runtime would wait for them forever.
     rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(ExitCode::SUCCESS)
+    result
 }
 
 /// SIGTERM/SIGINT, or (children of `tandem up`) stdin reaching EOF because the parent is gone.
@@ -455,6 +526,49 @@ mod tests {
         assert_eq!(cfg.quant, tandem_model::QuantMode::Dequantized);
         assert_eq!(cfg.engine.max_running, 3);
         assert_eq!(cfg.drain_grace, Duration::from_millis(250));
+        assert!(cfg.group.is_none());
+    }
+
+    #[test]
+    fn group_flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "worker",
+            "--model",
+            "/m.gguf",
+            "--rank",
+            "1",
+            "--world-size",
+            "2",
+            "--group-peers",
+            "127.0.0.1:9001,127.0.0.1:9002",
+            "--group-io-timeout",
+            "3s",
+        ])
+        .unwrap();
+        let Command::Worker(args) = cli.command else {
+            panic!("not the worker subcommand");
+        };
+        let g = args.into_config().unwrap().group.unwrap();
+        assert_eq!((g.rank, g.world_size), (1, 2));
+        assert_eq!(g.peers[1], "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(g.io_timeout, Duration::from_secs(3));
+
+        let file: FileConfig = toml::from_str(
+            "[worker]\nmodel = \"/m\"\nrank = 2\nworld_size = 3\ngroup_peers = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\"]\n",
+        )
+        .unwrap();
+        let g = file.worker.into_config().unwrap().group.unwrap();
+        assert_eq!((g.rank, g.world_size, g.peers.len()), (2, 3, 3));
+
+        let bad = WorkerArgs {
+            model: Some("/m".into()),
+            world_size: Some(2),
+            group_peers: Some(vec!["127.0.0.1:1".into()]),
+            ..Default::default()
+        };
+        let e = bad.into_config().unwrap_err().to_string();
+        assert!(e.contains("--group-peers"), "{e}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `tandem up`: N workers and a router on this machine, as child processes, until Ctrl-C.
+//! `tandem up`: N worker groups (each `--tp` processes) and a router on this machine, as child processes, until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,6 +13,8 @@ use crate::UpArgs;
 /// The default model: Qwen2.5-Coder-1.5B-Instruct, the target model of the design.
 pub const DEFAULT_MODEL_FILE: &str = "qwen2.5-coder-1.5b-instruct.gguf";
 const DEFAULT_MODEL_KEY: &str = "qwen-1.5b";
+/// Tensor-parallel size of each group: Qwen2.5-Coder-1.5B's 12 heads / 2 KV heads divide by 2.
+const DEFAULT_TP: usize = 2;
 
 pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     let n = args.workers.unwrap_or(1);
@@ -30,34 +32,70 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     let grace = args.grace.map_or(Duration::from_secs(10), |d| d.0);
     let ready_timeout = args.ready_timeout.map_or(Duration::from_secs(600), |d| d.0);
 
+    let tp = args.tp.unwrap_or(DEFAULT_TP);
+    anyhow::ensure!(tp >= 1, "--tp must be at least 1");
+
     let mut children = Children::default();
+    // All ranks share this machine's cores: give each worker process its share of threads
+    // (candle and rayon read RAYON_NUM_THREADS). Without it, 2 ranks x 2 threads on 2 cores
+    // spin against each other in candle's barrier pool and decode ~5x slower than one rank.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let per_rank = (cores / (n * tp)).max(1);
+        children.env("RAYON_NUM_THREADS", &per_rank.to_string());
+    }
     let mut worker_urls = Vec::new();
     let mut metrics = Vec::new();
     for i in 0..n {
-        let addr = children::free_port()?;
+        // Every rank gets a gRPC port (health; the leader's also serves the shard API) and a
+        // collective port; only the leader's gRPC address goes to the router.
+        let addrs = (0..tp)
+            .map(|_| children::free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let peers = (0..tp)
+            .map(|_| children::free_port().map(|a| a.to_string()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let metrics_addr = children::free_port()?;
-        let mut a = vec![
-            "worker".to_owned(),
-            "--model".to_owned(),
-            model.display().to_string(),
-            "--listen".to_owned(),
-            addr.to_string(),
-            "--metrics-listen".to_owned(),
-            metrics_addr.to_string(),
-        ];
-        push_opt(&mut a, "--quant", args.quant.map(quant_name));
-        push_opt(&mut a, "--max-context", args.max_context);
-        push_opt(&mut a, "--max-batch-tokens", args.max_batch_tokens);
-        push_opt(&mut a, "--max-running", args.max_running);
-        push_opt(&mut a, "--max-waiting", args.max_waiting);
-        if log_json {
-            a.push("--log-json".to_owned());
+        for (rank, addr) in addrs.iter().enumerate() {
+            let mut a = vec![
+                "worker".to_owned(),
+                "--model".to_owned(),
+                model.display().to_string(),
+                "--listen".to_owned(),
+                addr.to_string(),
+            ];
+            if rank == 0 {
+                a.push("--metrics-listen".to_owned());
+                a.push(metrics_addr.to_string());
+            }
+            if tp > 1 {
+                a.extend([
+                    "--rank".to_owned(),
+                    rank.to_string(),
+                    "--world-size".to_owned(),
+                    tp.to_string(),
+                    "--group-peers".to_owned(),
+                    peers.join(","),
+                ]);
+            }
+            push_opt(&mut a, "--quant", args.quant.map(quant_name));
+            push_opt(&mut a, "--max-context", args.max_context);
+            push_opt(&mut a, "--max-batch-tokens", args.max_batch_tokens);
+            push_opt(&mut a, "--max-running", args.max_running);
+            push_opt(&mut a, "--max-waiting", args.max_waiting);
+            if log_json {
+                a.push("--log-json".to_owned());
+            }
+            let name = if tp > 1 {
+                format!("worker {i} rank {rank}")
+            } else {
+                format!("worker {i}")
+            };
+            let pid = children.spawn(&name, &a)?;
+            tracing::info!(%name, pid, %addr, "started");
         }
-        let name = format!("worker {i}");
-        let pid = children.spawn(&name, &a)?;
-        tracing::info!(%name, pid, %addr, "started");
-        worker_urls.push(format!("http://{addr}"));
-        metrics.push((name, metrics_addr));
+        worker_urls.push(format!("http://{}", addrs[0]));
+        metrics.push((format!("worker {i}"), metrics_addr));
     }
     let router_metrics = match args.metrics_listen {
         Some(a) => a,
@@ -80,7 +118,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     metrics.push(("router".to_owned(), router_metrics));
 
     eprintln!(
-        "tandem up: loading {} in {n} worker(s); waiting for the router to serve...",
+        "tandem up: loading {} in {n} worker group(s) of {tp} rank(s); waiting for the router to serve...",
         model.display()
     );
     let ready = tokio::select! {
@@ -89,9 +127,14 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     };
     if let Err(e) = ready {
         children.stop(grace).await;
+        if tp > 1 {
+            return Err(e.context(format!(
+                "starting groups of {tp} ranks (if the model's heads do not divide by {tp}, pass --tp 1 or a divisor)"
+            )));
+        }
         return Err(e);
     }
-    print_banner(listen, &model, n, &metrics);
+    print_banner(listen, &model, n, tp, &metrics);
 
     let code = tokio::select! {
         _ = tandem_runtime::shutdown_signal() => {
@@ -129,6 +172,7 @@ fn print_banner(
     listen: std::net::SocketAddr,
     model: &Path,
     n: usize,
+    tp: usize,
     metrics: &[(String, std::net::SocketAddr)],
 ) {
     let exe = std::env::current_exe()
@@ -136,7 +180,7 @@ fn print_banner(
         .unwrap_or_else(|_| "tandem".to_owned());
     let mut out = String::new();
     out.push_str(&format!(
-        "\nTandem is up: {n} worker(s) serving {}\n",
+        "\nTandem is up: {n} worker(s) (tensor-parallel size {tp}) serving {}\n",
         model.display()
     ));
     out.push_str(&format!("  gRPC API (tandem.v1.Generation): {listen}\n"));

@@ -984,6 +984,8 @@ async fn up_starts_a_cluster_and_stops_it() {
             tiny.dir.display().to_string(),
             "--workers".into(),
             "2".into(),
+            "--tp".into(),
+            "2".into(),
             "--listen".into(),
             listen.to_string(),
         ],

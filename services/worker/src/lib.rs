@@ -5,7 +5,13 @@
 //! on a blocking thread; once loaded it reports SERVING. On shutdown it reports NOT_SERVING,
 //! refuses new `Generate` calls with UNAVAILABLE, lets running streams finish for up to
 //! `drain_grace`, stops whatever is left, and exits.
+//!
+//! With [`WorkerConfig::group`] the process is one rank of a tensor-parallel group (see
+//! `group.rs`): rank 0 serves as above over `Engine::start_group`; other ranks serve only health
+//! and follow rank 0. A leader whose group broke reports NOT_SERVING and refuses work with
+//! UNAVAILABLE until restarted.
 
+mod group;
 mod metrics;
 mod request;
 mod service;
@@ -30,10 +36,14 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+pub use group::{GroupConfig, LOAD_BARRIER_TIMEOUT};
 pub use request::{GenerateError, DEFAULT_MAX_NEW_TOKENS};
 
 use crate::metrics::WorkerMetrics;
 use crate::service::{ShardService, Shared};
+
+/// How often a group leader checks whether its group has failed.
+const GROUP_POLL: Duration = Duration::from_millis(200);
 
 /// Responses may be larger than requests: a 150k-token vocabulary's tokenizer.json is ~7 MB.
 const MIN_RESPONSE_LIMIT: usize = 64 << 20;
@@ -61,6 +71,9 @@ pub struct WorkerConfig {
     pub max_concurrent_streams: u32,
     /// How long running streams may take to finish once shutdown begins.
     pub drain_grace: Duration,
+    /// A tensor-parallel group this process is one rank of; `None` (or world size 1): the whole
+    /// model in this process.
+    pub group: Option<GroupConfig>,
 }
 
 impl WorkerConfig {
@@ -77,6 +90,7 @@ impl WorkerConfig {
             max_message_bytes: 4 << 20,
             max_concurrent_streams: 1024,
             drain_grace: Duration::from_secs(30),
+            group: None,
         }
     }
 
@@ -98,10 +112,12 @@ pub(crate) struct Loaded {
     /// Computed once: hashing a 150k vocabulary per `Info` call would be wasted work.
     pub vocab_hash: String,
     pub tokenizer_json: Result<String, String>,
+    /// Ranks of the tensor-parallel group (1: no group).
+    pub tp_size: usize,
 }
 
 #[derive(Debug, Clone)]
-enum LoadState {
+pub(crate) enum LoadState {
     Loading,
     Ready,
     Failed(String),
@@ -114,9 +130,9 @@ pub struct WorkerHandle {
     pub addr: SocketAddr,
     /// The bound metrics address, when serving metrics.
     pub metrics_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    state: watch::Receiver<LoadState>,
-    task: JoinHandle<anyhow::Result<()>>,
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) state: watch::Receiver<LoadState>,
+    pub(crate) task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl WorkerHandle {
@@ -164,9 +180,15 @@ pub async fn serve(
 /// Binds the gRPC (and metrics) ports, starts loading the model in the background and serves.
 /// Returns once the ports are bound.
 pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
+    if let Some(g) = &cfg.group {
+        g.validate()?;
+    }
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding the gRPC port {}", cfg.listen))?;
+    if cfg.group.as_ref().is_some_and(GroupConfig::is_follower) {
+        return group::spawn_follower(cfg, listener).await;
+    }
     let addr = listener.local_addr()?;
 
     let registry = MetricsRegistry::new();
@@ -205,7 +227,7 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
     tracing::info!(%addr, model = %cfg.model.display(), "worker listening; loading the model");
 
     let (state_tx, state_rx) = watch::channel(LoadState::Loading);
-    let loader = tokio::spawn(load(cfg.clone(), loaded));
+    let loader = tokio::spawn(load(cfg.clone(), loaded.clone()));
 
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(supervise(Supervisor {
@@ -213,6 +235,7 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
         drain,
         grace: cfg.drain_grace,
         stop: stop_rx,
+        loaded,
         loader,
         state: state_tx,
         server,
@@ -256,15 +279,27 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         max_context: cfg.max_context,
         ..Default::default()
     };
-    let model = Model::load(&cfg.model, &opts)
-        .with_context(|| format!("loading the model {}", cfg.model.display()))?;
-    let engine = Engine::start(model, cfg.engine.clone());
+    let (engine, tp_size) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
+        Some(g) => {
+            let (model, comm) = group::join_group(cfg, g)?;
+            (
+                Engine::start_group(model, cfg.engine.clone(), comm),
+                g.world_size,
+            )
+        }
+        None => {
+            let model = Model::load(&cfg.model, &opts)
+                .with_context(|| format!("loading the model {}", cfg.model.display()))?;
+            (Engine::start(model, cfg.engine.clone()), 1)
+        }
+    };
     let text = engine.text();
     let loaded = Loaded {
         model_name: cfg.resolved_model_name(),
         vocab_hash: text.vocab_hash(),
         tokenizer_json: text.tokenizer_json().map_err(|e| e.to_string()),
         engine,
+        tp_size,
     };
     warm_up(&loaded.engine);
     Ok(loaded)
@@ -294,6 +329,7 @@ struct Supervisor {
     drain: Drain,
     grace: Duration,
     stop: watch::Receiver<bool>,
+    loaded: Arc<OnceLock<Loaded>>,
     loader: JoinHandle<LoadState>,
     /// Published here, after the health change, so `ready()` implies SERVING.
     state: watch::Sender<LoadState>,
@@ -332,9 +368,35 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
             set_health(&s.health, &[SHARD_SERVICE], ServingStatus::Serving).await;
             s.state.send_replace(LoadState::Ready);
             tracing::info!("serving");
-            tokio::select! {
-                _ = stop.wait_for(|v| *v) => {}
-                r = &mut s.server => server_done = Some(r),
+            // A tensor-parallel group whose rank died cannot serve again: report NOT_SERVING so
+            // routers stop sending here, and stay up (saying why) until stopped.
+            let mut poll = tokio::time::interval(GROUP_POLL);
+            let mut group_failed = false;
+            loop {
+                let tick = tokio::select! {
+                    _ = stop.wait_for(|v| *v) => false,
+                    r = &mut s.server => {
+                        server_done = Some(r);
+                        false
+                    }
+                    _ = poll.tick(), if !group_failed => true,
+                };
+                if !tick {
+                    break;
+                }
+                group_failed = s.loaded.get().is_some_and(|l| {
+                    l.engine
+                        .stats()
+                        .group_failed
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                });
+                if group_failed {
+                    set_health(&s.health, &[SHARD_SERVICE], ServingStatus::NotServing).await;
+                    tracing::error!(
+                        "a rank of this tensor-parallel group failed; reporting NOT_SERVING \
+                         until restarted (restart every rank of the group)"
+                    );
+                }
             }
         }
     }

@@ -205,7 +205,7 @@ impl Shard for ShardService {
             tokenizer_hash: l.vocab_hash.clone(),
             context_length: to_u32(l.engine.max_context()),
             vocab_size: to_u32(l.engine.vocab_size()),
-            tp_size: 1,
+            tp_size: to_u32(l.tp_size),
             max_new_tokens_limit: to_u32(self.shared.max_new_tokens_limit),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }))

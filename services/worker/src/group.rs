@@ -1,0 +1,275 @@
+//! Tensor-parallel worker groups as processes: rank 0 (the leader) serves the shard API over
+//! `Engine::start_group`; ranks 1..N-1 (followers) mirror its step plans with
+//! [`tandem_engine::Follower`] and serve only `grpc.health.v1` (SERVING once loaded).
+//!
+//! Start-up of every rank: rendezvous over TCP (`connect_timeout`), load this rank's shard, then a
+//! barrier with a long timeout (ranks finish loading at different times), and only then the
+//! short I/O timeout and the warm-up forward that both sides run in lockstep.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tandem_collective::{Communicator, TcpCommunicator, TcpOptions};
+use tandem_engine::{Follower, FollowerError};
+use tandem_model::{LoadOptions, Model, Shard};
+use tandem_runtime::{health_service, ServingStatus};
+use tandem_runtime::{set_health, spawn_metrics_server, HealthReporter, MetricsRegistry};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::{LoadState, WorkerConfig, WorkerHandle};
+
+/// How long a rank waits for the slowest rank of its group to finish loading its shard.
+pub const LOAD_BARRIER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// This process's place in a tensor-parallel group.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// 0 = leader (serves the shard API), 1..world_size-1 = followers.
+    pub rank: usize,
+    pub world_size: usize,
+    /// Where each rank's collective listener binds (`peers[rank]` is this process's), in rank
+    /// order; the same list on every rank.
+    pub peers: Vec<SocketAddr>,
+    /// How long the rendezvous waits for every rank to be reachable.
+    pub connect_timeout: Duration,
+    /// Socket timeout once loaded: a rank silent this long mid-step fails the group.
+    pub io_timeout: Duration,
+}
+
+impl GroupConfig {
+    pub fn new(rank: usize, world_size: usize, peers: Vec<SocketAddr>) -> Self {
+        Self {
+            rank,
+            world_size,
+            peers,
+            connect_timeout: tandem_collective::tcp::DEFAULT_CONNECT_TIMEOUT,
+            io_timeout: tandem_collective::tcp::DEFAULT_IO_TIMEOUT,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.world_size >= 1, "the world size must be at least 1");
+        anyhow::ensure!(
+            self.rank < self.world_size,
+            "rank {} is out of range for world size {}",
+            self.rank,
+            self.world_size
+        );
+        anyhow::ensure!(
+            self.world_size == 1 || self.peers.len() == self.world_size,
+            "world size {} needs {} group peer addresses (one per rank, rank order), got {}",
+            self.world_size,
+            self.world_size,
+            self.peers.len()
+        );
+        Ok(())
+    }
+
+    pub fn is_follower(&self) -> bool {
+        self.world_size > 1 && self.rank > 0
+    }
+}
+
+/// Connects to the group, loads this rank's shard, and waits for every rank to have loaded.
+pub(crate) fn join_group(
+    cfg: &WorkerConfig,
+    g: &GroupConfig,
+) -> anyhow::Result<(Model, Arc<dyn Communicator>)> {
+    g.validate()?;
+    tracing::info!(
+        rank = g.rank,
+        world_size = g.world_size,
+        listen = %g.peers[g.rank],
+        "joining the tensor-parallel group"
+    );
+    let opts = TcpOptions {
+        connect_timeout: g.connect_timeout,
+        io_timeout: Some(LOAD_BARRIER_TIMEOUT),
+        ..TcpOptions::default()
+    };
+    let tcp = Arc::new(
+        TcpCommunicator::connect_with(g.rank, g.world_size, &g.peers, &opts)
+            .context("connecting to the tensor-parallel group")?,
+    );
+    let comm: Arc<dyn Communicator> = tcp.clone();
+    let load = LoadOptions {
+        quant: cfg.quant,
+        max_context: cfg.max_context,
+        shard: Some(Shard::new(comm.clone())),
+        ..Default::default()
+    };
+    let model = Model::load(&cfg.model, &load).with_context(|| {
+        format!(
+            "loading rank {} of {} of the model {}",
+            g.rank,
+            g.world_size,
+            cfg.model.display()
+        )
+    })?;
+    tracing::info!(rank = g.rank, "shard loaded; waiting for the other ranks");
+    comm.barrier()
+        .context("waiting for every rank of the group to load its shard")?;
+    tcp.set_io_timeout(Some(g.io_timeout))
+        .context("setting the group's I/O timeout")?;
+    Ok((model, comm))
+}
+
+/// A follower rank: health only, the follower loop on a blocking thread.
+pub(crate) async fn spawn_follower(
+    cfg: WorkerConfig,
+    listener: TcpListener,
+) -> anyhow::Result<WorkerHandle> {
+    let Some(g) = cfg.group.clone() else {
+        anyhow::bail!("not a group follower");
+    };
+    let addr = listener.local_addr()?;
+    // On shutdown the leader drains for up to its grace, then ends the group.
+    let grace = cfg.drain_grace + Duration::from_secs(10);
+    let metrics_server = match cfg.metrics_listen {
+        Some(a) => Some(spawn_metrics_server(a, MetricsRegistry::new()).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_server.as_ref().map(|(a, _)| *a);
+
+    let (health, health_svc) = health_service(&[]).await;
+    let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tokio::spawn(
+        Server::builder()
+            .add_service(health_svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = server_stop_rx.await;
+            }),
+    );
+    tracing::info!(%addr, rank = g.rank, world_size = g.world_size, model = %cfg.model.display(),
+        "follower listening (health only); loading its shard");
+
+    let (loaded_tx, loaded_rx) = oneshot::channel::<Result<(), String>>();
+    let run = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let (model, comm) = match join_group(&cfg, &g) {
+            Ok(x) => x,
+            Err(e) => {
+                let e = format!("{e:#}");
+                let _ = loaded_tx.send(Err(e.clone()));
+                return Err(e);
+            }
+        };
+        let _ = loaded_tx.send(Ok(()));
+        Follower::new(model.transformer, comm)
+            .run()
+            .map_err(|e: FollowerError| e.to_string())
+    });
+
+    let (state_tx, state_rx) = watch::channel(LoadState::Loading);
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(supervise_follower(FollowerSupervisor {
+        health,
+        grace,
+        stop: stop_rx,
+        loaded: loaded_rx,
+        run,
+        state: state_tx,
+        server,
+        server_stop: server_stop_tx,
+        metrics_task: metrics_server.map(|(_, t)| t),
+    }));
+    Ok(WorkerHandle {
+        addr,
+        metrics_addr,
+        stop,
+        state: state_rx,
+        task,
+    })
+}
+
+struct FollowerSupervisor {
+    health: HealthReporter,
+    grace: Duration,
+    stop: watch::Receiver<bool>,
+    loaded: oneshot::Receiver<Result<(), String>>,
+    run: JoinHandle<Result<(), String>>,
+    state: watch::Sender<LoadState>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    server_stop: oneshot::Sender<()>,
+    metrics_task: Option<JoinHandle<()>>,
+}
+
+/// NOT_SERVING → SERVING (shard loaded, group assembled) → NOT_SERVING (the follower loop ended,
+/// or shutdown). A follower cannot leave a running group cleanly: on shutdown it waits for the
+/// leader to end the group (the leader gets the same signal in a pod or under `tandem up`), and a
+/// group that breaks after shutdown began is not an error.
+async fn supervise_follower(mut s: FollowerSupervisor) -> anyhow::Result<()> {
+    let mut stop = s.stop.clone();
+    let loaded = tokio::select! {
+        _ = stop.wait_for(|v| *v) => None,
+        r = &mut s.loaded => Some(r.unwrap_or_else(|_| Err("the shard loader failed".into()))),
+    };
+    let result = match loaded {
+        None => Ok(()),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "joining the group failed; exiting");
+            s.state.send_replace(LoadState::Failed(e.clone()));
+            Err(anyhow::anyhow!(e))
+        }
+        Some(Ok(())) => {
+            set_health(&s.health, &[], ServingStatus::Serving).await;
+            s.state.send_replace(LoadState::Ready);
+            tracing::info!("follower serving");
+            let mut stopping = false;
+            let ended = tokio::select! {
+                _ = stop.wait_for(|v| *v) => None,
+                r = &mut s.run => Some(r),
+            };
+            let ended = match ended {
+                Some(r) => r,
+                None => {
+                    stopping = true;
+                    set_health(&s.health, &[], ServingStatus::NotServing).await;
+                    tracing::info!("shutting down: waiting for the leader to end the group");
+                    // The leader drains first; then the group ends (a shutdown plan or EOF).
+                    let wait = s.grace;
+                    match tokio::time::timeout(wait, &mut s.run).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::warn!("the group did not end within {wait:?}; exiting anyway");
+                            Ok(Ok(()))
+                        }
+                    }
+                }
+            };
+            match ended {
+                Ok(Ok(())) => {
+                    tracing::info!("the leader ended the group");
+                    Ok(())
+                }
+                Ok(Err(e)) if stopping => {
+                    tracing::info!(error = %e, "the group ended during shutdown");
+                    Ok(())
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "the tensor-parallel group failed; exiting");
+                    Err(anyhow::anyhow!("the tensor-parallel group failed: {e}"))
+                }
+                Err(e) => Err(anyhow::anyhow!("the follower loop panicked: {e}")),
+            }
+        }
+    };
+    set_health(&s.health, &[], ServingStatus::NotServing).await;
+    let _ = s.server_stop.send(());
+    if tokio::time::timeout(Duration::from_secs(5), &mut s.server)
+        .await
+        .is_err()
+    {
+        s.server.abort();
+    }
+    if let Some(t) = s.metrics_task.take() {
+        t.abort();
+    }
+    result
+}
