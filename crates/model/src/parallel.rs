@@ -98,6 +98,15 @@ impl Tp {
         }
     }
 
+    /// This rank's rows of the vocabulary `(start, len)`, when it splits evenly.
+    pub fn vocab_part(&self, vocab: usize) -> Option<(usize, usize, Shard)> {
+        let s = self.0.as_ref()?;
+        let n = s.world_size();
+        vocab
+            .is_multiple_of(n)
+            .then(|| (s.rank() * vocab / n, vocab / n, s.clone()))
+    }
+
     pub fn row(&self) -> Split {
         match &self.0 {
             Some(s) => Split::Row(s.clone()),

@@ -20,6 +20,7 @@ use crate::kv::{KvCache, SlotId};
 use crate::linear::{Embedding, Linear};
 use crate::parallel::{Shard, Split, Tp};
 use crate::weights::WeightSource;
+use tandem_collective::all_reduce_tensor;
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
@@ -300,6 +301,8 @@ pub struct Transformer {
     max_context: usize,
     device: Device,
     shard: Option<Shard>,
+    /// `(start, len)` of this rank's vocabulary rows when the embedding and LM head are split.
+    vocab_part: Option<(usize, usize, Shard)>,
     /// KV heads this rank attends with and caches.
     local_kv_heads: usize,
 }
@@ -315,9 +318,13 @@ impl Transformer {
     ) -> Result<Self> {
         let device = Device::Cpu;
         let tp = Tp::new(shard);
-        // Replicated on every rank: sharding the vocabulary would cost an all-gather of the
-        // logits per step, and these are a small share of all but the smallest models.
-        let embed = w.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
+        // Vocabulary-parallel when the vocabulary divides: each rank keeps its rows of the
+        // embedding and LM head (a 150k-token table is 0.9 GB in f32, the biggest replicated
+        // piece), at the cost of one all-reduce of the embeddings and one of the sampled rows'
+        // logits per step.
+        let vocab_part = tp.vocab_part(cfg.vocab_size);
+        let rows = vocab_part.as_ref().map(|(start, len, _)| (*start, *len));
+        let embed = w.embedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, rows)?;
         let blocks = (0..cfg.num_layers)
             .map(|i| Block::load(w, i, &cfg, &tp))
             .collect::<Result<Vec<_>>>()?;
@@ -331,7 +338,11 @@ impl Transformer {
                 cfg.vocab_size,
                 cfg.hidden_size,
                 false,
-                &Split::Full,
+                &if vocab_part.is_some() {
+                    tp.column()
+                } else {
+                    Split::Full
+                },
             )?
         };
         let rope = Rope::new(&cfg, max_context, &device)?;
@@ -347,6 +358,7 @@ impl Transformer {
             max_context,
             device,
             shard: shard.cloned(),
+            vocab_part,
             local_kv_heads,
         })
     }
@@ -457,9 +469,8 @@ impl Transformer {
             .rope
             .gather(&Tensor::from_vec(positions, t, &self.device)?)?;
         let step = Step { seqs, cos, sin };
-        let ids = Tensor::from_vec(ids, t, &self.device)?;
         let eps = self.cfg.rms_norm_eps as f32;
-        let mut x = self.embed.forward(&ids)?;
+        let mut x = self.embed_tokens(ids)?;
         for (layer, b) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &b.input_norm, eps)?;
             x = (x + b.attn.forward(&h, &step, kv, layer)?)?;
@@ -480,7 +491,41 @@ impl Transformer {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = match &self.vocab_part {
+            None => logits,
+            Some((start, _, shard)) => {
+                // Each rank computed its vocabulary slice; place it in a zero row and sum.
+                let (r, _) = logits.dims2()?;
+                let full = Tensor::zeros((r, self.cfg.vocab_size), DType::F32, &self.device)?;
+                full.slice_set(&logits.contiguous()?, 1, *start)?;
+                all_reduce_tensor(shard.comm.as_ref(), &full)?
+            }
+        };
         Ok(BatchLogits { logits, rows })
+    }
+
+    /// Token embeddings; with a split vocabulary each rank looks up the ids it holds (zeros
+    /// for the others) and the group sums them.
+    fn embed_tokens(&self, ids: Vec<u32>) -> Result<Tensor> {
+        let t = ids.len();
+        let Some((start, len, shard)) = &self.vocab_part else {
+            return self.embed.forward(&Tensor::from_vec(ids, t, &self.device)?);
+        };
+        let (start, len) = (*start as u32, *len as u32);
+        let mine = |id: u32| id >= start && id < start + len;
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&i| if mine(i) { i - start } else { 0 })
+            .collect();
+        let mask: Vec<f32> = ids
+            .iter()
+            .map(|&i| if mine(i) { 1.0 } else { 0.0 })
+            .collect();
+        let x = self
+            .embed
+            .forward(&Tensor::from_vec(local, t, &self.device)?)?;
+        let x = x.broadcast_mul(&Tensor::from_vec(mask, (t, 1), &self.device)?)?;
+        Ok(all_reduce_tensor(shard.comm.as_ref(), &x)?)
     }
 
     /// One small forward in a throwaway slot. candle packs quantized weights for its fast

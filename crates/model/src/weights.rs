@@ -110,12 +110,19 @@ impl WeightSource {
         })
     }
 
-    pub fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+    /// The embedding table, or only rows `rows = (start, len)` of it (vocabulary-parallel).
+    pub fn embedding(
+        &mut self,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        rows: Option<(usize, usize)>,
+    ) -> Result<Embedding> {
         match self {
             WeightSource::Hf(h) => {
                 let w = h.take(&format!("{name}.weight"))?;
                 check_shape(&h.dir, name, &w, &[vocab, hidden])?;
-                Ok(Embedding::Dense(w))
+                Ok(Embedding::Dense(keep_part(&w, 0, rows)?))
             }
             WeightSource::Gguf(g) => {
                 let q = g.qtensor(&format!("{name}.weight"))?;
@@ -127,6 +134,20 @@ impl WeightSource {
                         want: vec![vocab, hidden],
                     });
                 }
+                // Rows are quantized independently: a row range is a byte range.
+                let q = match rows {
+                    None => q,
+                    Some((start, len)) => {
+                        let raw = q.data()?;
+                        let row_bytes = raw.len() / vocab.max(1);
+                        g.build(
+                            "token_embd.weight",
+                            q.dtype(),
+                            &raw[start * row_bytes..(start + len) * row_bytes],
+                            vec![len, hidden],
+                        )?
+                    }
+                };
                 // Through the same conversion as the linears: with tied embeddings this weight
                 // is also the LM head, the largest matmul of a small model.
                 match g.to_linear_weight(q)? {
