@@ -2,35 +2,12 @@
 //! Skipped with a message when the file is absent, unless TANDEM_REQUIRE_REAL_MODELS=1.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use tandem_model::{ChatMessage, LoadOptions, Model, SeqInput};
-
-fn model_path(file: &str, key: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem/models"))
-        })?;
-    let p = dir.join(file);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("TANDEM_REQUIRE_REAL_MODELS").is_err(),
-        "{} missing: run scripts/fetch-models {key}",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} missing (scripts/fetch-models {key})",
-        p.display()
-    );
-    None
-}
 
 #[test]
 fn qwen_coder_writes_python() {
-    let Some(path) = model_path("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b") else {
+    let Some(path) = tandem_testkit::real_model("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b")
+    else {
         return;
     };
     let model = Model::load(

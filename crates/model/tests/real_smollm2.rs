@@ -3,31 +3,7 @@
 //! missing model fails the test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use tandem_model::{BatchMatmul, ChatMessage, LoadOptions, Model, QuantMode, SeqInput};
-
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem/models"))
-        })?;
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("TANDEM_REQUIRE_REAL_MODELS").is_err(),
-        "{} missing: run scripts/fetch-models smollm2",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} missing (scripts/fetch-models smollm2)",
-        p.display()
-    );
-    None
-}
 
 fn greedy(model: &Model, prompt: &[u32], max_new: usize) -> Vec<u32> {
     let t = &model.transformer;
@@ -66,7 +42,9 @@ fn greedy(model: &Model, prompt: &[u32], max_new: usize) -> Vec<u32> {
 
 #[test]
 fn smollm2_answers_paris_quantized_and_dequantized() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = tandem_testkit::real_smollm2() else {
+        return;
+    };
     for quant in [QuantMode::Quantized, QuantMode::Dequantized] {
         let opts = LoadOptions {
             quant,
@@ -101,7 +79,9 @@ fn smollm2_answers_paris_quantized_and_dequantized() {
 /// (f32) model's on at least 95% of positions.
 #[test]
 fn smollm2_quantized_agrees_with_dequantized() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = tandem_testkit::real_smollm2() else {
+        return;
+    };
     let load = |quant| {
         Model::load(
             &path,

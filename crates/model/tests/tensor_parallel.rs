@@ -3,7 +3,7 @@
 //! to the unsharded (TP=1) model's within float tolerance.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -299,33 +299,13 @@ fn tp_rank_holds_its_share_of_layers_and_kv() {
     }
 }
 
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("TANDEM_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/tandem/models"))
-        })?;
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("TANDEM_REQUIRE_REAL_MODELS").is_err(),
-        "{} missing: run scripts/fetch-models smollm2",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} missing (scripts/fetch-models smollm2)",
-        p.display()
-    );
-    None
-}
-
 /// SmolLM2 (9 heads, 3 KV heads, intermediate 1536) split three ways, quantized: the same greedy
 /// answer as the whole model, with a third of the block weights per rank.
 #[test]
 fn smollm2_tp3_answers_like_tp1() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = tandem_testkit::real_smollm2() else {
+        return;
+    };
     let opts = LoadOptions {
         max_context: Some(512),
         ..LoadOptions::default()

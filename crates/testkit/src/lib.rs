@@ -419,3 +419,35 @@ fn normal(rng: &mut StdRng) -> f64 {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+/// Real weights fetched by `scripts/fetch-models` into `$TANDEM_MODEL_CACHE` (default
+/// `~/.cache/tandem/models`). `None`, with a note on stderr, when the file is absent, so a
+/// developer without it can run the rest; with TANDEM_REQUIRE_REAL_MODELS set (as CI does) a
+/// missing file fails the test instead of skipping it.
+pub fn real_model(file: &str, fetch_key: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("TANDEM_MODEL_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/tandem/models"))
+        })?;
+    let p = dir.join(file);
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("TANDEM_REQUIRE_REAL_MODELS").is_none(),
+        "{} missing: run scripts/fetch-models {fetch_key}",
+        p.display()
+    );
+    eprintln!(
+        "skipping: {} missing (scripts/fetch-models {fetch_key})",
+        p.display()
+    );
+    None
+}
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF), the real model the test suite runs.
+pub fn real_smollm2() -> Option<std::path::PathBuf> {
+    real_model("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
+}

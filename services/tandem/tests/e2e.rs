@@ -2,10 +2,9 @@
 //! test-kit models in temp folders, and the real SmolLM2 GGUF when it is in the model cache.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tandem_proto::shard::v1::shard_client::ShardClient;
@@ -23,101 +22,8 @@ use tonic::Code;
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// A child process, killed (SIGKILL) and reaped on drop. Its output goes to a log file, printed
-/// when the test fails.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(name: &str, logs: &Path, args: &[String]) -> Proc {
-        let log = logs.join(format!("{}.log", name.replace(' ', "-")));
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let err = out.try_clone().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        Proc {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    /// SIGKILL: a crash, no drain.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.as_ref().unwrap().id();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-    }
-
-    /// Waits for the process to exit on its own.
-    async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "{} did not exit within {timeout:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("---- {} log (last lines) ----", self.name);
-            for l in tail.into_iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+mod common;
+use common::{free_addr, Proc};
 
 fn worker(
     model: &Path,
@@ -882,24 +788,9 @@ async fn dropped_stream_frees_the_sequence_and_deadlines_hold() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn real_smollm2_capital_of_france() {
-    let cache = std::env::var_os("TANDEM_MODEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/tandem/models")
-        });
-    let path = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert!(
-            std::env::var("TANDEM_REQUIRE_REAL_MODELS").as_deref() != Ok("1"),
-            "{} is missing and TANDEM_REQUIRE_REAL_MODELS=1; run scripts/fetch-models smollm2",
-            path.display()
-        );
-        eprintln!(
-            "skipping: {} is missing (run scripts/fetch-models smollm2)",
-            path.display()
-        );
+    let Some(path) = tandem_testkit::real_smollm2() else {
         return;
-    }
+    };
     let cluster = Cluster::start(&path, 1).await;
     let mut c = cluster.client().await;
     let mut req = text_req("", 32);
