@@ -2,6 +2,7 @@
 //! continuous-batching scheduler that runs many sequences through one model.
 
 pub mod detokenize;
+pub mod draft;
 pub mod group;
 pub mod request;
 pub mod sampling;

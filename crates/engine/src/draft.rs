@@ -1,0 +1,188 @@
+//! Drafters for speculative decoding: what proposes tokens for the verifier to check. One trait,
+//! several kinds (DESIGN.md: the remote draft model, the model-free n-gram drafter). This module
+//! holds the trait and the n-gram (prompt lookup) drafter; the verifier loop in the scheduler and
+//! the remote draft service are the next steps of issue 5.
+
+use std::collections::HashMap;
+
+/// One sequence's request for a draft.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftRequest<'a> {
+    pub seq: u64,
+    /// Everything the verifier has accepted so far (prompt and output).
+    pub context: &'a [u32],
+    /// Most tokens to propose.
+    pub max_tokens: usize,
+}
+
+/// Proposed tokens and, per position, the sparse distribution q they were drawn from (ids and
+/// probabilities). A deterministic drafter proposes with q = 1 on its token, which makes the
+/// lossless acceptance test min(1, p/q) = p(x).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Draft {
+    pub tokens: Vec<u32>,
+    pub q: Vec<Vec<(u32, f32)>>,
+}
+
+pub trait Drafter: Send {
+    fn propose(&mut self, reqs: &[DraftRequest<'_>]) -> Vec<Draft>;
+    /// How many of the last proposal's tokens the verifier accepted (drafters adapt to it).
+    fn feedback(&mut self, seq: u64, proposed: usize, accepted: usize);
+    /// The sequence ended: drop its state.
+    fn release(&mut self, seq: u64);
+}
+
+/// Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n
+/// first) and propose what followed it. Free to run, and strong when the output copies from the
+/// input (editing, renaming, translating comments in code). The draft length adapts per sequence
+/// to its acceptance, as in ADED: grow after fully accepted drafts, shrink after rejections.
+#[derive(Debug, Clone)]
+pub struct NgramDrafter {
+    pub min_n: usize,
+    pub max_n: usize,
+    pub max_k: usize,
+    state: HashMap<u64, SeqState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SeqState {
+    k: usize,
+}
+
+impl NgramDrafter {
+    pub fn new(min_n: usize, max_n: usize, max_k: usize) -> Self {
+        Self {
+            min_n: min_n.max(1),
+            max_n: max_n.max(min_n.max(1)),
+            max_k: max_k.max(1),
+            state: HashMap::new(),
+        }
+    }
+
+    /// Current draft length for `seq`.
+    pub fn draft_len(&self, seq: u64) -> usize {
+        self.state.get(&seq).map_or(self.max_k.min(4), |s| s.k)
+    }
+
+    fn lookup(&self, ctx: &[u32], k: usize) -> Vec<u32> {
+        for n in (self.min_n..=self.max_n).rev() {
+            if ctx.len() <= n {
+                continue;
+            }
+            let tail = &ctx[ctx.len() - n..];
+            // Latest match first: recent text predicts best. The match must end before the
+            // tail itself so there is something after it to propose.
+            for start in (0..ctx.len() - n).rev() {
+                if &ctx[start..start + n] == tail {
+                    let from = start + n;
+                    let to = (from + k).min(ctx.len());
+                    if from < to {
+                        return ctx[from..to].to_vec();
+                    }
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+impl Default for NgramDrafter {
+    fn default() -> Self {
+        Self::new(2, 4, 8)
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn propose(&mut self, reqs: &[DraftRequest<'_>]) -> Vec<Draft> {
+        reqs.iter()
+            .map(|r| {
+                let k = self.draft_len(r.seq).min(r.max_tokens);
+                let tokens = if k == 0 {
+                    Vec::new()
+                } else {
+                    self.lookup(r.context, k)
+                };
+                let q = tokens.iter().map(|&t| vec![(t, 1.0)]).collect();
+                Draft { tokens, q }
+            })
+            .collect()
+    }
+
+    fn feedback(&mut self, seq: u64, proposed: usize, accepted: usize) {
+        let max_k = self.max_k;
+        let s = self
+            .state
+            .entry(seq)
+            .or_insert(SeqState { k: max_k.min(4) });
+        if proposed == 0 {
+            return;
+        }
+        s.k = if accepted == proposed {
+            (s.k + 2).min(max_k)
+        } else {
+            // Next time propose a little more than what was accepted, at least one.
+            (accepted + 1).clamp(1, max_k)
+        };
+    }
+
+    fn release(&mut self, seq: u64) {
+        self.state.remove(&seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn propose(d: &mut NgramDrafter, ctx: &[u32], max: usize) -> Vec<u32> {
+        d.propose(&[DraftRequest {
+            seq: 1,
+            context: ctx,
+            max_tokens: max,
+        }])
+        .remove(0)
+        .tokens
+    }
+
+    #[test]
+    fn proposes_what_followed_the_latest_match() {
+        let mut d = NgramDrafter::new(2, 3, 8);
+        // "... 7 8 9 1 2 ... 7 8" → the latest "7 8" was followed by "9 1 2".
+        let ctx = [5, 7, 8, 3, 3, 7, 8, 9, 1, 2, 6, 7, 8];
+        assert_eq!(propose(&mut d, &ctx, 3), vec![9, 1, 2]);
+        // Longer n-grams win: the tail "6 7 8" never occurred before, "7 8" did.
+        let q = d.propose(&[DraftRequest {
+            seq: 1,
+            context: &ctx,
+            max_tokens: 2,
+        }]);
+        assert_eq!(q[0].q, vec![vec![(9, 1.0)], vec![(1, 1.0)]]);
+    }
+
+    #[test]
+    fn nothing_to_propose_without_a_match() {
+        let mut d = NgramDrafter::default();
+        assert!(propose(&mut d, &[1, 2, 3, 4, 5], 4).is_empty());
+        assert!(propose(&mut d, &[], 4).is_empty());
+        assert!(propose(&mut d, &[1, 1], 0).is_empty());
+    }
+
+    #[test]
+    fn draft_length_adapts_to_acceptance() {
+        let mut d = NgramDrafter::new(1, 2, 8);
+        let start = d.draft_len(7);
+        d.feedback(7, start, start);
+        assert_eq!(d.draft_len(7), start + 2);
+        d.feedback(7, 6, 1);
+        assert_eq!(d.draft_len(7), 2);
+        d.feedback(7, 2, 0);
+        assert_eq!(d.draft_len(7), 1);
+        for _ in 0..10 {
+            let k = d.draft_len(7);
+            d.feedback(7, k, k);
+        }
+        assert_eq!(d.draft_len(7), 8);
+        d.release(7);
+        assert_eq!(d.draft_len(7), 4);
+    }
+}
