@@ -172,6 +172,7 @@ fn decode(engine: &Engine, n: usize, new_tokens: usize) -> f64 {
                         ..Default::default()
                     },
                     ignore_eos: true,
+                    max_draft_tokens: 0,
                 })
                 .unwrap()
         })

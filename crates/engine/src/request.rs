@@ -16,6 +16,9 @@ pub struct Request {
     pub stop: StopCriteria,
     /// Generate exactly `max_new_tokens` unless a stop token or string matches (benchmarks).
     pub ignore_eos: bool,
+    /// Speculative decoding with the n-gram drafter: at most this many drafted tokens verified
+    /// per step; 0 = off. Greedy requests only for now (sampled ones decode plainly).
+    pub max_draft_tokens: usize,
 }
 
 impl Request {
@@ -120,6 +123,8 @@ pub struct TokenEvent {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Drafted tokens the verifier accepted.
+    pub accepted_draft_tokens: usize,
     /// From submission to the first token.
     pub queue_ms: f64,
 }

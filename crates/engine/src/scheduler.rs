@@ -19,6 +19,7 @@ use tandem_model::{KvCache, Model, SeqInput, SlotId, TextModel, Transformer};
 use tokio::sync::mpsc;
 
 use crate::detokenize::IncrementalDecoder;
+use crate::draft::{DraftRequest, Drafter, NgramDrafter};
 use crate::group::{SlotOp, StepPlan};
 use crate::request::{EngineError, Event, Request, TokenEvent, Usage};
 use crate::sampling::Sampler;
@@ -57,6 +58,9 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Set when a tensor-parallel group broke (a rank died): this replica can't serve anymore.
     pub group_failed: std::sync::atomic::AtomicBool,
+    /// Speculative decoding: tokens drafted and accepted by the verifier.
+    pub draft_tokens: AtomicU64,
+    pub accepted_draft_tokens: AtomicU64,
 }
 
 enum Command {
@@ -244,6 +248,11 @@ struct Running {
     events: mpsc::UnboundedSender<Event>,
     queued_at: Instant,
     first_token_at: Option<Instant>,
+    /// Speculation: most drafted tokens per step (0 = off), the request's token budget, and
+    /// how many drafted tokens were accepted so far.
+    max_draft: usize,
+    max_new: usize,
+    accepted_draft: usize,
 }
 
 struct Scheduler {
@@ -258,6 +267,8 @@ struct Scheduler {
     group: Option<Arc<dyn Communicator>>,
     pending_ops: Vec<SlotOp>,
     failed: Option<String>,
+    /// The model-free drafter for requests that ask for speculation.
+    drafter: NgramDrafter,
 }
 
 impl Scheduler {
@@ -280,6 +291,7 @@ impl Scheduler {
             group,
             pending_ops: Vec::new(),
             failed: None,
+            drafter: NgramDrafter::default(),
         }
     }
 
@@ -391,6 +403,12 @@ impl Scheduler {
             let decoder =
                 IncrementalDecoder::new(self.text.tokenizer.clone(), &p.req.prompt[tail_start..]);
             let slot = self.allocate_slot();
+            let max_draft = if p.req.sampling.is_greedy() {
+                p.req.max_draft_tokens
+            } else {
+                0
+            };
+            let max_new = p.req.stop.max_new_tokens;
             let mut stop = p.req.stop.clone();
             if !p.req.ignore_eos {
                 stop.eos_ids.extend(&self.text.eos_token_ids);
@@ -410,6 +428,9 @@ impl Scheduler {
                 events: p.events,
                 queued_at: p.queued_at,
                 first_token_at: None,
+                max_draft,
+                max_new,
+                accepted_draft: 0,
             });
         }
     }
@@ -418,11 +439,30 @@ impl Scheduler {
     fn step(&mut self) {
         // Decode tokens first: every sequence past its prompt advances by one.
         let mut budget = self.cfg.max_batch_tokens.max(1);
-        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens this step)
+        // (running index, input tokens, how many of them are drafted)
+        let mut plan: Vec<(usize, Vec<u32>, usize)> = Vec::new();
         for (i, r) in self.running.iter().enumerate() {
             if r.cached + 1 == r.tokens.len() && budget > 0 {
-                plan.push((i, 1));
-                budget -= 1;
+                let mut input = vec![r.tokens[r.cached]];
+                // Greedy requests that ask for it get a draft to verify in the same forward:
+                // the last token plus up to k drafted ones, all positions' logits.
+                if r.max_draft > 0 && budget > 1 {
+                    let left = r.max_new.saturating_sub(r.tokens.len() - r.prompt_len);
+                    let k = r.max_draft.min(budget - 1).min(left.saturating_sub(1));
+                    if k > 0 {
+                        let d = self.drafter.propose(&[DraftRequest {
+                            seq: r.id,
+                            context: &r.tokens,
+                            max_tokens: k,
+                        }]);
+                        if let Some(d) = d.into_iter().next() {
+                            input.extend(d.tokens);
+                        }
+                    }
+                }
+                budget -= input.len();
+                let drafted = input.len() - 1;
+                plan.push((i, input, drafted));
             }
         }
         // Then prompt chunks, oldest first, within what is left of the budget.
@@ -430,7 +470,7 @@ impl Scheduler {
             let left = r.tokens.len() - r.cached;
             if left > 1 && budget > 0 {
                 let n = left.min(budget);
-                plan.push((i, n));
+                plan.push((i, r.tokens[r.cached..r.cached + n].to_vec(), 0));
                 budget -= n;
             }
         }
@@ -439,13 +479,10 @@ impl Scheduler {
         }
         let batch: Vec<SeqInput<'_>> = plan
             .iter()
-            .map(|&(i, n)| {
-                let r = &self.running[i];
-                SeqInput {
-                    slot: r.slot,
-                    tokens: &r.tokens[r.cached..r.cached + n],
-                    all_logits: false,
-                }
+            .map(|(i, input, drafted)| SeqInput {
+                slot: self.running[*i].slot,
+                tokens: input,
+                all_logits: *drafted > 0,
             })
             .collect();
         if let Some(comm) = &self.group {
@@ -480,7 +517,7 @@ impl Scheduler {
             Err(e) => {
                 // A failed forward must not hang anyone: fail the sequences of this step.
                 tracing::error!(error = %e, "forward failed; failing the step's sequences");
-                let mut ids: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                let mut ids: Vec<usize> = plan.iter().map(|(i, _, _)| *i).collect();
                 ids.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in ids {
                     let r = self.running.swap_remove(i);
@@ -493,22 +530,62 @@ impl Scheduler {
             }
         };
         let mut finished = Vec::new();
-        for (&(i, n), rows) in plan.iter().zip(logits) {
+        for ((i, input, drafted), rows) in plan.into_iter().zip(logits) {
             let r = &mut self.running[i];
-            r.cached += n;
-            if r.cached < r.tokens.len() {
-                continue; // prompt chunk, more to come
+            if drafted == 0 {
+                r.cached += input.len();
+                if r.cached < r.tokens.len() {
+                    continue; // prompt chunk, more to come
+                }
+                let Some(row) = rows.last() else { continue };
+                if let Some(done) = Self::emit(r, row, &self.stats) {
+                    finished.push((i, done));
+                } else if r.events.is_closed() {
+                    finished.push((i, None));
+                }
+                continue;
             }
-            let Some(row) = rows.last() else { continue };
-            if let Some(done) = Self::emit(r, row, &self.stats) {
-                finished.push((i, done));
+            // Verify (greedy): row j is the target's next token after input[..=j]. Accept the
+            // drafted tokens while the target agrees; the first disagreement (or the token after
+            // a fully accepted draft) is the target's own. Output is exactly plain greedy's.
+            let mut accepted = 0;
+            let mut done = None;
+            for (j, row) in rows.iter().enumerate() {
+                if let Some(d) = Self::emit(r, row, &self.stats) {
+                    done = Some(d);
+                    break;
+                }
+                let agreed = j < drafted && r.tokens.last() == Some(&input[j + 1]);
+                if !agreed {
+                    break;
+                }
+                accepted += 1;
+                r.accepted_draft += 1;
+            }
+            self.stats
+                .draft_tokens
+                .fetch_add(drafted as u64, Ordering::Relaxed);
+            self.stats
+                .accepted_draft_tokens
+                .fetch_add(accepted as u64, Ordering::Relaxed);
+            self.drafter.feedback(r.id, drafted, accepted);
+            // The forward cached the last token and every drafted one; keep what was accepted.
+            r.cached += 1 + accepted;
+            let (slot, keep) = (r.slot, r.cached);
+            if let Some(d) = done {
+                finished.push((i, d));
             } else if r.events.is_closed() {
                 finished.push((i, None));
+            } else if let Err(e) = self.kv.truncate(slot, keep) {
+                tracing::error!(error = %e, "truncating a rejected draft");
+            } else if self.group.is_some() {
+                self.pending_ops.push(SlotOp::Truncate(slot.0, keep));
             }
         }
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let r = self.running.swap_remove(i);
+            self.drafter.release(r.id);
             self.free_slot(r.slot);
             if reason.is_none() {
                 // The client went away (its receiver is gone): that is a cancellation too.
@@ -555,6 +632,7 @@ impl Scheduler {
         let usage = Usage {
             prompt_tokens: r.prompt_len,
             completion_tokens: r.tokens.len() - r.prompt_len,
+            accepted_draft_tokens: r.accepted_draft,
             queue_ms: r
                 .first_token_at
                 .map(|t| t.duration_since(r.queued_at).as_secs_f64() * 1e3)

@@ -22,6 +22,7 @@ fn greedy(prompt: Vec<u32>, n: usize) -> Request {
             ..Default::default()
         },
         ignore_eos: true,
+        max_draft_tokens: 0,
     }
 }
 
@@ -106,6 +107,31 @@ fn group_of_two_equals_one_rank_and_stops_cleanly() {
     // A second wave after an idle gap longer than the socket timeout: idle followers wait.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(run(&leader, 20), want);
+    // Speculative greedy through the group: rejected drafts truncate every rank's KV (the
+    // truncations travel in the step plan), and the tokens still equal TP=1 plain greedy.
+    let gens: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| {
+            leader
+                .submit(Request {
+                    max_draft_tokens: 5,
+                    ..greedy(p, 20)
+                })
+                .unwrap()
+        })
+        .collect();
+    let spec: Vec<Vec<u32>> = gens
+        .into_iter()
+        .map(|g| {
+            g.collect_blocking()
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|t| t.token)
+                .collect()
+        })
+        .collect();
+    assert_eq!(spec, want);
     drop(leader);
     for h in handles {
         h.join().unwrap().unwrap();

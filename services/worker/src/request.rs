@@ -106,6 +106,8 @@ pub fn to_engine_request(
             stop_strings: stop.stop,
         },
         ignore_eos: stop.ignore_eos,
+        // Speculation is not exposed over the API yet (issue 5): the engine supports it.
+        max_draft_tokens: 0,
     })
 }
 
