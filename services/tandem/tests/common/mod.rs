@@ -97,9 +97,20 @@ impl Drop for Proc {
     }
 }
 
+/// A loopback port nobody listens on now and that no other test of this binary was given.
+/// Tests run in parallel threads and each port is released before its process binds it, so
+/// without the set two clusters could be handed the same port and talk to each other's workers.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
