@@ -2,7 +2,10 @@
 //! Skipped with a message when the file is absent, unless TANDEM_REQUIRE_REAL_MODELS=1.
 #![allow(clippy::unwrap_used)]
 
-use tandem_model::{ChatMessage, LoadOptions, Model, SeqInput};
+use tandem_model::{ChatMessage, LoadOptions, Model};
+
+mod common;
+use common::greedy;
 
 #[test]
 fn qwen_coder_writes_python() {
@@ -27,34 +30,7 @@ fn qwen_coder_writes_python() {
         }])
         .unwrap();
     let ids = model.text.encode(&prompt, false).unwrap();
-    let t = &model.transformer;
-    let mut kv = t.new_cache();
-    let slot = kv.allocate();
-    let mut next = ids;
-    let mut out = Vec::new();
-    for _ in 0..40 {
-        let l = t
-            .forward(
-                &mut kv,
-                &[SeqInput {
-                    slot,
-                    tokens: &next,
-                    all_logits: false,
-                }],
-            )
-            .unwrap()
-            .to_vecs()
-            .unwrap();
-        let row = &l[0][0];
-        let tok = (0..row.len())
-            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-            .unwrap() as u32;
-        if model.text.eos_token_ids.contains(&tok) {
-            break;
-        }
-        out.push(tok);
-        next = vec![tok];
-    }
+    let out = greedy(&model, &ids, 40);
     let text = model.text.decode(&out).unwrap();
     eprintln!("{text}");
     assert!(text.contains("def ") && text.contains("return"), "{text}");

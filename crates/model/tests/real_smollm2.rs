@@ -3,42 +3,10 @@
 //! missing model fails the test.
 #![allow(clippy::unwrap_used)]
 
-use tandem_model::{BatchMatmul, ChatMessage, LoadOptions, Model, QuantMode, SeqInput};
+use tandem_model::{BatchMatmul, ChatMessage, LoadOptions, Model, QuantMode};
 
-fn greedy(model: &Model, prompt: &[u32], max_new: usize) -> Vec<u32> {
-    let t = &model.transformer;
-    let mut kv = t.new_cache();
-    let slot = kv.allocate();
-    let mut out = Vec::new();
-    let mut next: Vec<u32> = prompt.to_vec();
-    for _ in 0..max_new {
-        let logits = t
-            .forward(
-                &mut kv,
-                &[SeqInput {
-                    slot,
-                    tokens: &next,
-                    all_logits: false,
-                }],
-            )
-            .unwrap()
-            .to_vecs()
-            .unwrap();
-        let row = &logits[0][0];
-        let tok = row
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .unwrap();
-        if model.text.eos_token_ids.contains(&tok) {
-            break;
-        }
-        out.push(tok);
-        next = vec![tok];
-    }
-    out
-}
+mod common;
+use common::{argmax, greedy};
 
 #[test]
 fn smollm2_answers_paris_quantized_and_dequantized() {
@@ -108,13 +76,6 @@ fn smollm2_quantized_agrees_with_dequantized() {
         if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n";
     let ids = q.text.encode(text, false).unwrap();
     assert!(ids.len() > 100);
-    let argmax = |row: &Vec<f32>| {
-        row.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i)
-            .unwrap()
-    };
     let lq = q.transformer.score(&ids).unwrap();
     let lf = f.transformer.score(&ids).unwrap();
     let same = lq

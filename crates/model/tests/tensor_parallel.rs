@@ -12,6 +12,9 @@ use tandem_collective::{CollectiveError, Communicator, TcpCommunicator, TcpOptio
 use tandem_model::{ChatMessage, LoadOptions, Model, ModelError, SeqInput, Shard, Transformer};
 use tandem_testkit::{tiny_model, Arch, TinyConfig};
 
+mod common;
+use common::greedy;
+
 /// Loads `path` once per rank of a fresh `size`-rank group, runs `f` on every rank at once (one
 /// thread each, as the collectives need) and returns the results in rank order.
 fn on_ranks<T: Send>(
@@ -79,44 +82,6 @@ fn script(t: &Transformer) -> Logits {
 
 fn flat(l: &Logits) -> Vec<f32> {
     l.iter().flatten().flatten().flatten().copied().collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .unwrap()
-}
-
-/// Greedy continuation of `prompt`, stopping at an end-of-sequence token.
-fn greedy(model: &Model, prompt: &[u32], max_new: usize) -> Vec<u32> {
-    let t = &model.transformer;
-    let mut kv = t.new_cache();
-    let slot = kv.allocate();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for _ in 0..max_new {
-        let logits = t
-            .forward(
-                &mut kv,
-                &[SeqInput {
-                    slot,
-                    tokens: &next,
-                    all_logits: false,
-                }],
-            )
-            .unwrap()
-            .to_vecs()
-            .unwrap();
-        let tok = argmax(&logits[0][0]);
-        if model.text.eos_token_ids.contains(&tok) {
-            break;
-        }
-        out.push(tok);
-        next = vec![tok];
-    }
-    out
 }
 
 fn tiny(arch: Arch, heads: usize, kv_heads: usize) -> TinyConfig {
