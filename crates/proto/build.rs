@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("tandem/v1/generation.proto"),
         root.join("tandem/shard/v1/shard.proto"),
+        root.join("tandem/draft/v1/draft.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

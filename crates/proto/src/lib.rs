@@ -11,5 +11,11 @@ pub mod shard {
     }
 }
 
+pub mod draft {
+    pub mod v1 {
+        tonic::include_proto!("tandem.draft.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Tandem proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_descriptor");

@@ -250,6 +250,7 @@ impl Shared {
             prompt: valid.prompt.clone(),
             sampling: Some(valid.sampling),
             stopping: Some(valid.stopping.clone()),
+            speculation: valid.speculation,
         }
     }
 

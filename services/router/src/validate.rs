@@ -5,7 +5,8 @@
 use tandem_engine::request::{MAX_STOP_STRINGS, MAX_STOP_STRING_LEN, MAX_TOP_LOGPROBS};
 use tandem_model::{ChatMessage, TextModel};
 use tandem_proto::v1::{
-    generate_request, tokenize_request, GenerateRequest, SamplingParameters, StoppingCriteria,
+    generate_request, speculation, tokenize_request, GenerateRequest, SamplingParameters,
+    Speculation, StoppingCriteria,
 };
 use tonic::Status;
 
@@ -87,6 +88,7 @@ pub struct ValidRequest {
     pub stopping: StoppingCriteria,
     /// Return per-token logprobs to the client.
     pub logprobs: bool,
+    pub speculation: Option<Speculation>,
 }
 
 /// What to tokenize: the three inputs of `GenerateRequest` (`Tokenize` takes two of them).
@@ -119,6 +121,7 @@ pub async fn parse_generate(
     let sampling = parse_sampling(req.sampling.unwrap_or_default())?;
     let logprobs = sampling.logprobs || sampling.top_logprobs > 0;
     let stopping = req.stopping.unwrap_or_default();
+    let speculation = req.speculation.map(parse_speculation).transpose()?;
     let limit = effective_limit(router_limit, model.max_new_tokens_limit);
     if let Some(n) = stopping.max_new_tokens {
         check_max_new_tokens(n as usize, limit)?;
@@ -164,8 +167,34 @@ pub async fn parse_generate(
             ..stopping
         },
         logprobs,
+        speculation,
         model,
     })
+}
+
+/// Most tokens a request may ask to draft per step (the worker's cost model may draft fewer).
+pub const MAX_DRAFT_TOKENS: u32 = 16;
+
+fn parse_speculation(s: Speculation) -> Result<Speculation, RequestError> {
+    if speculation::Mode::try_from(s.mode).is_err() {
+        return Err(RequestError::invalid(
+            "speculation.mode",
+            format!(
+                "unknown mode {}: use 0 (server default), 1 (off), 2 (draft model) or 3 (ngram)",
+                s.mode
+            ),
+        ));
+    }
+    if s.max_draft_tokens > MAX_DRAFT_TOKENS {
+        return Err(RequestError::invalid(
+            "speculation.max_draft_tokens",
+            format!(
+                "{} is over the limit of {MAX_DRAFT_TOKENS}",
+                s.max_draft_tokens
+            ),
+        ));
+    }
+    Ok(s)
 }
 
 /// The `Tokenize` RPC's input, parsed.

@@ -224,6 +224,7 @@ async fn via_worker(
             prompt: prompt.to_vec(),
             sampling: Some(sampling()),
             stopping: Some(stopping(max_new_tokens)),
+            speculation: None,
         })
         .await
         .context("worker Generate")?

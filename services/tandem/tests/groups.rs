@@ -316,6 +316,7 @@ async fn killed_follower_fails_the_group_fast_and_the_router_moves_on() {
                 max_new_tokens: Some(4),
                 ..Default::default()
             }),
+            speculation: None,
         })
         .await;
     let Err(e) = refused else {
