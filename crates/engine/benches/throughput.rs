@@ -130,6 +130,7 @@ fn main() {
             max_batch_tokens: 512,
             max_running: 64,
             max_waiting: 256,
+            ..Default::default()
         },
     );
     let mut rows = vec![format!(
@@ -172,7 +173,7 @@ fn decode(engine: &Engine, n: usize, new_tokens: usize) -> f64 {
                         ..Default::default()
                     },
                     ignore_eos: true,
-                    max_draft_tokens: 0,
+                    speculation: Default::default(),
                 })
                 .unwrap()
         })

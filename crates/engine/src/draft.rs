@@ -1,7 +1,7 @@
 //! Drafters for speculative decoding: what proposes tokens for the verifier to check. One trait,
-//! several kinds (DESIGN.md: the remote draft model, the model-free n-gram drafter). This module
-//! holds the trait and the n-gram (prompt lookup) drafter; the verifier loop in the scheduler and
-//! the remote draft service are the next steps of issue 5.
+//! several kinds (DESIGN.md): the remote draft model (a client in the worker, since the engine
+//! holds no network code) and the model-free n-gram drafter here. The verifier loop is in the
+//! scheduler; how many tokens to draft is the cost model's choice (`speculate`).
 
 use std::collections::HashMap;
 
@@ -13,6 +13,18 @@ pub struct DraftRequest<'a> {
     pub context: &'a [u32],
     /// Most tokens to propose.
     pub max_tokens: usize,
+    /// How the verifier samples: a model drafter draws from its own distribution under the same
+    /// settings (closer to the target's, so more gets accepted). Greedy when temperature is 0.
+    pub sampling: DraftSampling,
+}
+
+/// The sampling settings a drafter should draw with, and a seed for this step's draws.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DraftSampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
 }
 
 /// Proposed tokens and, per position, the sparse distribution q they were drawn from (ids and
@@ -25,11 +37,18 @@ pub struct Draft {
 }
 
 pub trait Drafter: Send {
+    /// One draft per request, in order. A drafter that cannot draft (no match, service down,
+    /// past its deadline) returns empty drafts: the verifier then decodes plainly.
     fn propose(&mut self, reqs: &[DraftRequest<'_>]) -> Vec<Draft>;
     /// How many of the last proposal's tokens the verifier accepted (drafters adapt to it).
     fn feedback(&mut self, seq: u64, proposed: usize, accepted: usize);
     /// The sequence ended: drop its state.
     fn release(&mut self, seq: u64);
+    /// False while the drafter can't draft (a draft service down or backing off after
+    /// failures): the scheduler then doesn't ask, and decodes those sequences plainly.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n
@@ -139,6 +158,7 @@ mod tests {
             seq: 1,
             context: ctx,
             max_tokens: max,
+            sampling: DraftSampling::default(),
         }])
         .remove(0)
         .tokens
@@ -155,6 +175,7 @@ mod tests {
             seq: 1,
             context: &ctx,
             max_tokens: 2,
+            sampling: DraftSampling::default(),
         }]);
         assert_eq!(q[0].q, vec![vec![(9, 1.0)], vec![(1, 1.0)]]);
     }

@@ -1,6 +1,7 @@
 //! What the engine takes and gives: a validated `Request` in, a stream of `Event`s out.
 
 use crate::sampling::SamplingParams;
+use crate::speculate::Speculation;
 use crate::stopping::{FinishReason, StopCriteria};
 
 /// Limits on what one request may ask for, checked before it is queued.
@@ -16,9 +17,9 @@ pub struct Request {
     pub stop: StopCriteria,
     /// Generate exactly `max_new_tokens` unless a stop token or string matches (benchmarks).
     pub ignore_eos: bool,
-    /// Speculative decoding with the n-gram drafter: at most this many drafted tokens verified
-    /// per step; 0 = off. Greedy requests only for now (sampled ones decode plainly).
-    pub max_draft_tokens: usize,
+    /// Speculative decoding: which drafter and how many tokens at most per step. The output
+    /// is the same with it or without (greedy token for token, sampling in distribution).
+    pub speculation: Speculation,
 }
 
 impl Request {

@@ -228,6 +228,59 @@ impl Sampler {
         })
     }
 
+    /// Reports `token`, chosen by the verifier instead of drawn here, exactly as `sample` would
+    /// have reported it (logprob, top alternatives), and records it for the penalties.
+    pub fn observe(&mut self, logits: &[f32], token: u32) -> Sampled {
+        let sampled = with_scratch(|scratch| {
+            self.penalize_into(logits, &mut scratch.penalized);
+            let pen = &scratch.penalized;
+            let lse = log_sum_exp(pen, max_value(pen));
+            Sampled {
+                token,
+                logprob: pen
+                    .get(token as usize)
+                    .map_or(f32::NEG_INFINITY, |&l| logprob(l, lse)),
+                top: top_logprobs(pen, self.params.top_logprobs, lse),
+            }
+        });
+        self.accept(token);
+        sampled
+    }
+
+    /// A uniform draw in [0, 1) from this sequence's RNG (speculative acceptance tests), so a
+    /// seeded request stays reproducible.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// A seed for a drafter's draws at this step, from this sequence's RNG.
+    pub fn next_seed(&mut self) -> u64 {
+        self.rng.random::<u64>()
+    }
+
+    /// Draws from normalize(max(0, p − q)), the residual of speculative sampling after a
+    /// rejected draft (p: the target's distribution, q: the draft's; both sparse). Where the
+    /// residual has no mass (p ≤ q everywhere, only possible through rounding), draws from p.
+    pub fn draw_residual(&mut self, p: &[(u32, f32)], q: &[(u32, f32)]) -> u32 {
+        let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| e.1);
+        let residual: Vec<(u32, f32)> = p
+            .iter()
+            .map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0)))
+            .filter(|e| e.1 > 0.0)
+            .collect();
+        let from = if residual.is_empty() { p } else { &residual };
+        let total: f64 = from.iter().map(|e| f64::from(e.1)).sum();
+        let mut u = self.uniform() * total;
+        for &(t, w) in from {
+            u -= f64::from(w);
+            if u < 0.0 {
+                return t;
+            }
+        }
+        // Rounding left u ≥ 0 after the last entry: it is the draw.
+        from.last().map_or(0, |e| e.0)
+    }
+
     /// Records a token chosen elsewhere (e.g. accepted by speculative decoding) for the penalties.
     pub fn accept(&mut self, token: u32) {
         self.seen.insert(token);

@@ -19,10 +19,11 @@ use tandem_model::{KvCache, Model, SeqInput, SlotId, TextModel, Transformer};
 use tokio::sync::mpsc;
 
 use crate::detokenize::IncrementalDecoder;
-use crate::draft::{DraftRequest, Drafter, NgramDrafter};
+use crate::draft::{Draft, DraftRequest, DraftSampling, Drafter, NgramDrafter};
 use crate::group::{SlotOp, StepPlan};
 use crate::request::{EngineError, Event, Request, TokenEvent, Usage};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampled, Sampler};
+use crate::speculate::{Acceptance, Candidate, CostModel, SpecMode, MAX_DRAFT_TOKENS};
 use crate::stopping::{FinishReason, StopChecker};
 
 #[derive(Debug, Clone)]
@@ -33,6 +34,15 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Most requests waiting to start; beyond it `submit` refuses with `QueueFull`.
     pub max_waiting: usize,
+    /// What a request's `SpecMode::Default` means (a worker with a paired draft sets
+    /// `DraftModel`).
+    pub default_speculation: SpecMode,
+    /// Most drafted tokens per sequence per step when the request leaves it to the engine; the
+    /// cost model drafts fewer (or none) when more would not pay.
+    pub max_draft_tokens: usize,
+    /// Let the cost model choose draft lengths (default). Off: always draft the most allowed,
+    /// as fixed-k implementations do (for comparison in benchmarks, and deterministic tests).
+    pub adaptive_draft: bool,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +51,9 @@ impl Default for EngineConfig {
             max_batch_tokens: 256,
             max_running: 32,
             max_waiting: 256,
+            default_speculation: SpecMode::Off,
+            max_draft_tokens: 8,
+            adaptive_draft: true,
         }
     }
 }
@@ -61,6 +74,15 @@ pub struct EngineStats {
     /// Speculative decoding: tokens drafted and accepted by the verifier.
     pub draft_tokens: AtomicU64,
     pub accepted_draft_tokens: AtomicU64,
+    /// Drafts verified (one per sequence per step with at least one drafted token).
+    pub drafts: AtomicU64,
+    /// Per draft position (0 = the first drafted token): drafted there, accepted there.
+    pub drafted_at: [AtomicU64; MAX_DRAFT_TOKENS],
+    pub accepted_at: [AtomicU64; MAX_DRAFT_TOKENS],
+    /// Steps where the cost model chose to draft nothing for sequences that asked for
+    /// speculation, and the speedup it predicted for the last step that drafted (× 1000).
+    pub spec_skipped_steps: AtomicU64,
+    pub spec_predicted_speedup_milli: AtomicU64,
 }
 
 enum Command {
@@ -106,6 +128,15 @@ impl Drop for Generation {
     }
 }
 
+/// What an engine may run with besides its model.
+#[derive(Default)]
+pub struct EngineParts {
+    /// The communicator of a tensor-parallel group this engine leads.
+    pub group: Option<Arc<dyn Communicator>>,
+    /// A draft model (usually a remote draft service) for `SpecMode::DraftModel`.
+    pub draft_model: Option<Box<dyn Drafter>>,
+}
+
 /// The handle the services hold. Cloning is cheap; the engine thread stops when every handle
 /// (and every `Generation`) is dropped.
 #[derive(Clone)]
@@ -131,20 +162,24 @@ impl Drop for ThreadGuard {
 
 impl Engine {
     pub fn start(model: Model, cfg: EngineConfig) -> Engine {
-        Self::start_inner(model, cfg, None)
+        Self::start_with(model, cfg, EngineParts::default())
     }
 
     /// The leader (rank 0) of a tensor-parallel group: `model` holds this rank's shard over
     /// `comm`, and every other rank runs a `group::Follower` over the same communicator.
     pub fn start_group(model: Model, cfg: EngineConfig, comm: Arc<dyn Communicator>) -> Engine {
-        Self::start_inner(model, cfg, Some(comm))
+        Self::start_with(
+            model,
+            cfg,
+            EngineParts {
+                group: Some(comm),
+                ..Default::default()
+            },
+        )
     }
 
-    fn start_inner(
-        model: Model,
-        cfg: EngineConfig,
-        group: Option<Arc<dyn Communicator>>,
-    ) -> Engine {
+    /// Starts with optional parts: a tensor-parallel group and a draft model drafter.
+    pub fn start_with(model: Model, cfg: EngineConfig, parts: EngineParts) -> Engine {
         let (tx, rx) = std_mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let text = model.text.clone();
@@ -155,7 +190,7 @@ impl Engine {
             text.clone(),
             cfg.clone(),
             stats.clone(),
-            group,
+            parts,
         );
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
@@ -248,12 +283,27 @@ struct Running {
     events: mpsc::UnboundedSender<Event>,
     queued_at: Instant,
     first_token_at: Option<Instant>,
-    /// Speculation: most drafted tokens per step (0 = off), the request's token budget, and
-    /// how many drafted tokens were accepted so far.
+    /// Speculation: which drafter (None = off), most drafted tokens per step, the request's
+    /// token budget, accepted drafted tokens so far, the running acceptance rate, and decode
+    /// steps since the last draft (to probe again after the cost model stopped drafting).
+    drafter: Option<DrafterKind>,
     max_draft: usize,
     max_new: usize,
     accepted_draft: usize,
+    acceptance: Acceptance,
+    steps_since_draft: usize,
 }
+
+/// Index into the scheduler's drafters (and the cost model's drafter tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrafterKind {
+    Ngram = 0,
+    Model = 1,
+}
+
+/// After this many decode steps without a draft, a sequence drafts a little anyway, so its
+/// acceptance rate and the drafter's cost stay measured (they may have changed).
+const PROBE_EVERY: usize = 16;
 
 struct Scheduler {
     model: Transformer,
@@ -267,8 +317,10 @@ struct Scheduler {
     group: Option<Arc<dyn Communicator>>,
     pending_ops: Vec<SlotOp>,
     failed: Option<String>,
-    /// The model-free drafter for requests that ask for speculation.
-    drafter: NgramDrafter,
+    /// The model-free drafter, and the draft model when one is paired.
+    ngram: NgramDrafter,
+    draft_model: Option<Box<dyn Drafter>>,
+    costs: CostModel,
 }
 
 impl Scheduler {
@@ -277,9 +329,10 @@ impl Scheduler {
         text: TextModel,
         cfg: EngineConfig,
         stats: Arc<EngineStats>,
-        group: Option<Arc<dyn Communicator>>,
+        parts: EngineParts,
     ) -> Self {
         let kv = model.new_cache();
+        let max_tokens = cfg.max_batch_tokens.max(1);
         Self {
             model,
             kv,
@@ -288,10 +341,15 @@ impl Scheduler {
             stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            group,
+            group: parts.group,
             pending_ops: Vec::new(),
             failed: None,
-            drafter: NgramDrafter::default(),
+            ngram: NgramDrafter::new(2, 4, MAX_DRAFT_TOKENS),
+            draft_model: parts.draft_model,
+            // Prior cost of a drafted position relative to a verifier step: prompt lookup is
+            // free; a draft model a third of the target's size, about a third (measured after
+            // its first call).
+            costs: CostModel::new(max_tokens, &[0.0, 0.35]),
         }
     }
 
@@ -403,11 +461,21 @@ impl Scheduler {
             let decoder =
                 IncrementalDecoder::new(self.text.tokenizer.clone(), &p.req.prompt[tail_start..]);
             let slot = self.allocate_slot();
-            let max_draft = if p.req.sampling.is_greedy() {
-                p.req.max_draft_tokens
-            } else {
-                0
+            let spec = p.req.speculation;
+            let mode = match spec.mode {
+                SpecMode::Default => self.cfg.default_speculation,
+                m => m,
             };
+            let drafter = match mode {
+                SpecMode::Ngram => Some(DrafterKind::Ngram),
+                SpecMode::DraftModel if self.draft_model.is_some() => Some(DrafterKind::Model),
+                _ => None,
+            };
+            let max_draft = match spec.max_draft_tokens {
+                0 => self.cfg.max_draft_tokens,
+                n => n,
+            }
+            .min(MAX_DRAFT_TOKENS);
             let max_new = p.req.stop.max_new_tokens;
             let mut stop = p.req.stop.clone();
             if !p.req.ignore_eos {
@@ -428,49 +496,177 @@ impl Scheduler {
                 events: p.events,
                 queued_at: p.queued_at,
                 first_token_at: None,
+                drafter,
                 max_draft,
                 max_new,
                 accepted_draft: 0,
+                acceptance: Acceptance::new(0.6),
+                steps_since_draft: 0,
             });
         }
     }
 
-    /// One forward over the running batch, then sampling and events.
-    fn step(&mut self) {
-        // Decode tokens first: every sequence past its prompt advances by one.
-        let mut budget = self.cfg.max_batch_tokens.max(1);
-        // (running index, input tokens, how many of them are drafted)
-        let mut plan: Vec<(usize, Vec<u32>, usize)> = Vec::new();
-        for (i, r) in self.running.iter().enumerate() {
-            if r.cached + 1 == r.tokens.len() && budget > 0 {
-                let mut input = vec![r.tokens[r.cached]];
-                // Greedy requests that ask for it get a draft to verify in the same forward:
-                // the last token plus up to k drafted ones, all positions' logits.
-                if r.max_draft > 0 && budget > 1 {
-                    let left = r.max_new.saturating_sub(r.tokens.len() - r.prompt_len);
-                    let k = r.max_draft.min(budget - 1).min(left.saturating_sub(1));
-                    if k > 0 {
-                        let d = self.drafter.propose(&[DraftRequest {
-                            seq: r.id,
-                            context: &r.tokens,
-                            max_tokens: k,
-                        }]);
-                        if let Some(d) = d.into_iter().next() {
-                            input.extend(d.tokens);
-                        }
-                    }
-                }
-                budget -= input.len();
-                let drafted = input.len() - 1;
-                plan.push((i, input, drafted));
+    /// Draft lengths for this step's decoding sequences (index into `running`, k) from the cost
+    /// model, then the drafts themselves: one call per drafter for all its sequences.
+    fn draft(&mut self, decoding: &[usize], budget: usize, prefill: usize) -> Vec<Draft> {
+        let mut drafts = vec![Draft::default(); decoding.len()];
+        let model_up = self.draft_model.as_ref().is_some_and(|d| d.available());
+        let mut cands = Vec::new();
+        let mut which = Vec::new();
+        for (j, &i) in decoding.iter().enumerate() {
+            let r = &self.running[i];
+            let Some(kind) = r.drafter else { continue };
+            if kind == DrafterKind::Model && !model_up {
+                continue;
+            }
+            // Never draft past the request's token budget: its last token is the target's.
+            let left = r.max_new.saturating_sub(r.tokens.len() - r.prompt_len);
+            let max_k = r.max_draft.min(left.saturating_sub(1));
+            if max_k == 0 {
+                continue;
+            }
+            cands.push(Candidate {
+                alpha: r.acceptance.rate(),
+                max_k,
+                drafter: kind as usize,
+            });
+            which.push(j);
+        }
+        if cands.is_empty() {
+            return drafts;
+        }
+        let plan = if self.cfg.adaptive_draft {
+            self.costs
+                .plan(decoding.len() + prefill, decoding.len(), &cands)
+        } else {
+            crate::speculate::Plan {
+                ks: cands.iter().map(|c| c.max_k).collect(),
+                predicted_speedup: 1.0,
+            }
+        };
+        let mut ks = plan.ks;
+        let mut room = budget.saturating_sub(decoding.len());
+        let mut any = false;
+        for (n, k) in ks.iter_mut().enumerate() {
+            let r = &mut self.running[decoding[which[n]]];
+            if *k == 0 && r.steps_since_draft >= PROBE_EVERY {
+                *k = cands[n].max_k.min(2);
+            }
+            *k = (*k).min(room);
+            room -= *k;
+            if *k == 0 {
+                r.steps_since_draft += 1;
+            } else {
+                r.steps_since_draft = 0;
+                any = true;
             }
         }
-        // Then prompt chunks, oldest first, within what is left of the budget.
+        if !any {
+            self.stats
+                .spec_skipped_steps
+                .fetch_add(1, Ordering::Relaxed);
+            return drafts;
+        }
+        self.stats.spec_predicted_speedup_milli.store(
+            (plan.predicted_speedup * 1000.0).round() as u64,
+            Ordering::Relaxed,
+        );
+        for kind in [DrafterKind::Ngram, DrafterKind::Model] {
+            let mut reqs = Vec::new();
+            let mut slots = Vec::new();
+            for (n, &k) in ks.iter().enumerate() {
+                if k == 0 || cands[n].drafter != kind as usize {
+                    continue;
+                }
+                let r = &mut self.running[decoding[which[n]]];
+                let p = r.sampler.params().clone();
+                let sampling = if p.is_greedy() {
+                    DraftSampling::default()
+                } else {
+                    DraftSampling {
+                        temperature: p.temperature,
+                        top_k: p.top_k,
+                        top_p: p.top_p,
+                        seed: r.sampler.next_seed(),
+                    }
+                };
+                slots.push((which[n], k));
+                reqs.push((r.id, k, sampling));
+            }
+            if reqs.is_empty() {
+                continue;
+            }
+            let requests: Vec<DraftRequest<'_>> = reqs
+                .iter()
+                .zip(&slots)
+                .map(|(&(seq, k, sampling), &(j, _))| DraftRequest {
+                    seq,
+                    context: &self.running[decoding[j]].tokens,
+                    max_tokens: k,
+                    sampling,
+                })
+                .collect();
+            let max_k = slots.iter().map(|s| s.1).max().unwrap_or(0);
+            let started = Instant::now();
+            let out = match kind {
+                DrafterKind::Ngram => self.ngram.propose(&requests),
+                DrafterKind::Model => match self.draft_model.as_mut() {
+                    Some(d) => d.propose(&requests),
+                    None => Vec::new(),
+                },
+            };
+            self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
+            for ((j, k), mut d) in slots.into_iter().zip(out) {
+                // A drafter must not hand back more than asked or a q per token short.
+                d.tokens.truncate(k);
+                d.q.truncate(d.tokens.len());
+                if d.q.len() < d.tokens.len() {
+                    d.tokens.truncate(d.q.len());
+                }
+                drafts[j] = d;
+            }
+        }
+        drafts
+    }
+
+    /// One forward over the running batch, then sampling (and verifying drafts) and events.
+    fn step(&mut self) {
+        // Decode tokens first: every sequence past its prompt advances by one, plus what it
+        // drafted; then prompt chunks, oldest first, within what is left of the budget.
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let decoding: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                let r = &self.running[i];
+                r.cached + 1 == r.tokens.len()
+            })
+            .take(budget)
+            .collect();
+        let prefill_wanted: usize = self
+            .running
+            .iter()
+            .map(|r| r.tokens.len() - r.cached)
+            .filter(|&left| left > 1)
+            .sum();
+        let prefill = prefill_wanted.min(budget.saturating_sub(decoding.len()));
+        let drafts = self.draft(&decoding, budget, prefill);
+        // (running index, input tokens, the draft verified in it)
+        let mut plan: Vec<(usize, Vec<u32>, Draft)> = Vec::new();
+        for (&i, d) in decoding.iter().zip(drafts) {
+            let r = &self.running[i];
+            let mut input = vec![r.tokens[r.cached]];
+            input.extend_from_slice(&d.tokens);
+            budget = budget.saturating_sub(input.len());
+            plan.push((i, input, d));
+        }
         for (i, r) in self.running.iter().enumerate() {
             let left = r.tokens.len() - r.cached;
             if left > 1 && budget > 0 {
                 let n = left.min(budget);
-                plan.push((i, r.tokens[r.cached..r.cached + n].to_vec(), 0));
+                plan.push((
+                    i,
+                    r.tokens[r.cached..r.cached + n].to_vec(),
+                    Draft::default(),
+                ));
                 budget -= n;
             }
         }
@@ -479,12 +675,13 @@ impl Scheduler {
         }
         let batch: Vec<SeqInput<'_>> = plan
             .iter()
-            .map(|(i, input, drafted)| SeqInput {
+            .map(|(i, input, d)| SeqInput {
                 slot: self.running[*i].slot,
                 tokens: input,
-                all_logits: *drafted > 0,
+                all_logits: !d.tokens.is_empty(),
             })
             .collect();
+        let started = Instant::now();
         if let Some(comm) = &self.group {
             let plan = StepPlan {
                 ops: std::mem::take(&mut self.pending_ops),
@@ -505,7 +702,11 @@ impl Scheduler {
             .model
             .forward(&mut self.kv, &batch)
             .and_then(|l| l.to_vecs());
+        let tokens_in_step: usize = batch.iter().map(|s| s.tokens.len()).sum();
         drop(batch);
+        self.costs
+            .forward
+            .record(tokens_in_step, started.elapsed().as_secs_f64());
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
@@ -521,6 +722,7 @@ impl Scheduler {
                 ids.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in ids {
                     let r = self.running.swap_remove(i);
+                    self.release_drafts(r.id, r.drafter);
                     self.free_slot(r.slot);
                     let _ = r
                         .events
@@ -530,45 +732,47 @@ impl Scheduler {
             }
         };
         let mut finished = Vec::new();
-        for ((i, input, drafted), rows) in plan.into_iter().zip(logits) {
+        for ((i, input, draft), rows) in plan.into_iter().zip(logits) {
             let r = &mut self.running[i];
+            let drafted = draft.tokens.len();
             if drafted == 0 {
                 r.cached += input.len();
                 if r.cached < r.tokens.len() {
                     continue; // prompt chunk, more to come
                 }
                 let Some(row) = rows.last() else { continue };
-                if let Some(done) = Self::emit(r, row, &self.stats) {
+                let s = r.sampler.sample(row);
+                if let Some(done) = Self::deliver(r, s, &self.stats) {
                     finished.push((i, done));
                 } else if r.events.is_closed() {
                     finished.push((i, None));
                 }
                 continue;
             }
-            // Verify (greedy): row j is the target's next token after input[..=j]. Accept the
-            // drafted tokens while the target agrees; the first disagreement (or the token after
-            // a fully accepted draft) is the target's own. Output is exactly plain greedy's.
-            let mut accepted = 0;
-            let mut done = None;
-            for (j, row) in rows.iter().enumerate() {
-                if let Some(d) = Self::emit(r, row, &self.stats) {
-                    done = Some(d);
-                    break;
-                }
-                let agreed = j < drafted && r.tokens.last() == Some(&input[j + 1]);
-                if !agreed {
-                    break;
-                }
-                accepted += 1;
-                r.accepted_draft += 1;
-            }
+            let (accepted, done) = Self::verify(r, &draft, &rows, &self.stats);
+            r.acceptance.record(drafted, accepted);
+            self.stats.drafts.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .draft_tokens
                 .fetch_add(drafted as u64, Ordering::Relaxed);
             self.stats
                 .accepted_draft_tokens
                 .fetch_add(accepted as u64, Ordering::Relaxed);
-            self.drafter.feedback(r.id, drafted, accepted);
+            for pos in 0..drafted.min(MAX_DRAFT_TOKENS) {
+                self.stats.drafted_at[pos].fetch_add(1, Ordering::Relaxed);
+                if pos < accepted {
+                    self.stats.accepted_at[pos].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            match r.drafter {
+                Some(DrafterKind::Ngram) => self.ngram.feedback(r.id, drafted, accepted),
+                Some(DrafterKind::Model) => {
+                    if let Some(d) = self.draft_model.as_mut() {
+                        d.feedback(r.id, drafted, accepted);
+                    }
+                }
+                None => {}
+            }
             // The forward cached the last token and every drafted one; keep what was accepted.
             r.cached += 1 + accepted;
             let (slot, keep) = (r.slot, r.cached);
@@ -585,7 +789,7 @@ impl Scheduler {
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let r = self.running.swap_remove(i);
-            self.drafter.release(r.id);
+            self.release_drafts(r.id, r.drafter);
             self.free_slot(r.slot);
             if reason.is_none() {
                 // The client went away (its receiver is gone): that is a cancellation too.
@@ -594,9 +798,42 @@ impl Scheduler {
         }
     }
 
-    /// Samples one token for `r`, sends its event; returns `Some` when the sequence is done.
-    fn emit(r: &mut Running, logits: &[f32], stats: &EngineStats) -> Option<Option<FinishReason>> {
-        let s = r.sampler.sample(logits);
+    fn release_drafts(&mut self, seq: u64, kind: Option<DrafterKind>) {
+        match kind {
+            Some(DrafterKind::Ngram) => self.ngram.release(seq),
+            Some(DrafterKind::Model) => {
+                if let Some(d) = self.draft_model.as_mut() {
+                    d.release(seq);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Verifies a draft (`speculate::verify`) and delivers the tokens it yields, in order, until
+    /// one ends the sequence. Returns the accepted drafted tokens among those delivered, and
+    /// `Some` when the sequence is done.
+    fn verify(
+        r: &mut Running,
+        draft: &Draft,
+        rows: &[Vec<f32>],
+        stats: &EngineStats,
+    ) -> (usize, Option<Option<FinishReason>>) {
+        let v = crate::speculate::verify(&mut r.sampler, draft, rows);
+        for (n, s) in v.tokens.into_iter().enumerate() {
+            let drafted = n < v.accepted;
+            if drafted {
+                r.accepted_draft += 1;
+            }
+            if let Some(done) = Self::deliver(r, s, stats) {
+                return (n.min(v.accepted) + usize::from(drafted), Some(done));
+            }
+        }
+        (v.accepted, None)
+    }
+
+    /// Sends one chosen token's event; returns `Some` when the sequence is done.
+    fn deliver(r: &mut Running, s: Sampled, stats: &EngineStats) -> Option<Option<FinishReason>> {
         r.tokens.push(s.token);
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();

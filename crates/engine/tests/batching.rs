@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use tandem_engine::{
-    Engine, EngineConfig, EngineError, Event, FinishReason, Request, SamplingParams, StopCriteria,
+    Engine, EngineConfig, EngineError, Event, FinishReason, Request, SamplingParams, SpecMode,
+    Speculation, StopCriteria,
 };
 use tandem_model::{LoadOptions, Model};
 use tandem_testkit::{tiny_model, TinyConfig, TinyModel};
@@ -37,7 +38,7 @@ fn greedy(prompt: Vec<u32>, max_new: usize) -> Request {
             ..Default::default()
         },
         ignore_eos: false,
-        max_draft_tokens: 0,
+        speculation: Speculation::default(),
     }
 }
 
@@ -159,6 +160,7 @@ fn queue_is_bounded_and_bad_requests_are_refused() {
             max_running: 1,
             max_waiting: 2,
             max_batch_tokens: 64,
+            ..Default::default()
         },
     );
     // Long requests so the queue stays full while we submit.
@@ -326,7 +328,14 @@ fn speculative_greedy_equals_plain_greedy() {
                 .map(|p| {
                     e.submit(Request {
                         ignore_eos: true,
-                        max_draft_tokens: max_draft,
+                        speculation: Speculation {
+                            mode: if max_draft == 0 {
+                                SpecMode::Off
+                            } else {
+                                SpecMode::Ngram
+                            },
+                            max_draft_tokens: max_draft,
+                        },
                         ..greedy(p.clone(), 48)
                     })
                     .unwrap()

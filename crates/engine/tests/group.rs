@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use tandem_collective::{Communicator, TcpCommunicator, TcpOptions};
 use tandem_engine::{
-    Engine, EngineConfig, EngineError, Follower, Request, SamplingParams, StopCriteria,
+    Engine, EngineConfig, EngineError, Follower, Request, SamplingParams, SpecMode, Speculation,
+    StopCriteria,
 };
 use tandem_model::{LoadOptions, Model, Shard};
 use tandem_testkit::{tiny_model, TinyConfig};
@@ -22,7 +23,7 @@ fn greedy(prompt: Vec<u32>, n: usize) -> Request {
             ..Default::default()
         },
         ignore_eos: true,
-        max_draft_tokens: 0,
+        speculation: Speculation::default(),
     }
 }
 
@@ -114,7 +115,10 @@ fn group_of_two_equals_one_rank_and_stops_cleanly() {
         .map(|p| {
             leader
                 .submit(Request {
-                    max_draft_tokens: 5,
+                    speculation: Speculation {
+                        mode: SpecMode::Ngram,
+                        max_draft_tokens: 5,
+                    },
                     ..greedy(p, 20)
                 })
                 .unwrap()

@@ -316,7 +316,7 @@ fn warm_up(engine: &Engine) {
             ..Default::default()
         },
         ignore_eos: true,
-        max_draft_tokens: 0,
+        speculation: Default::default(),
     };
     let started = Instant::now();
     match engine.submit(req).and_then(|g| g.collect_blocking()) {

@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use tandem_engine::{EngineError, FinishReason, Request, SamplingParams, StopCriteria};
+use tandem_engine::speculate::MAX_DRAFT_TOKENS;
+use tandem_engine::{
+    EngineError, FinishReason, Request, SamplingParams, SpecMode, Speculation, StopCriteria,
+};
 use tandem_proto::shard::v1::GenerateRequest;
 use tandem_proto::v1 as pb;
 use tonic::metadata::MetadataMap;
@@ -24,6 +27,10 @@ pub enum GenerateError {
         "max_new_tokens must be <= {limit} (this worker's max_new_tokens_limit), got {got}: lower max_new_tokens"
     )]
     MaxNewTokensOverLimit { got: u32, limit: usize },
+    #[error("speculation.mode: unknown mode {0}: use 0 (server default), 1 (off), 2 (draft model) or 3 (ngram)")]
+    UnknownSpeculationMode(i32),
+    #[error("speculation.max_draft_tokens must be <= {MAX_DRAFT_TOKENS}, got {0}")]
+    MaxDraftTokensOverLimit(u32),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("the model is still loading: retry shortly or on another replica")]
@@ -35,9 +42,10 @@ pub enum GenerateError {
 impl GenerateError {
     pub fn code(&self) -> Code {
         match self {
-            GenerateError::NegativeTopK(_) | GenerateError::MaxNewTokensOverLimit { .. } => {
-                Code::InvalidArgument
-            }
+            GenerateError::NegativeTopK(_)
+            | GenerateError::MaxNewTokensOverLimit { .. }
+            | GenerateError::UnknownSpeculationMode(_)
+            | GenerateError::MaxDraftTokensOverLimit(_) => Code::InvalidArgument,
             GenerateError::Loading | GenerateError::Draining => Code::Unavailable,
             GenerateError::Engine(e) => match e {
                 EngineError::Invalid { .. } | EngineError::ContextExceeded { .. } => {
@@ -106,8 +114,28 @@ pub fn to_engine_request(
             stop_strings: stop.stop,
         },
         ignore_eos: stop.ignore_eos,
-        // Speculation is not exposed over the API yet (issue 5): the engine supports it.
-        max_draft_tokens: 0,
+        speculation: parse_speculation(req.speculation)?,
+    })
+}
+
+fn parse_speculation(s: Option<pb::Speculation>) -> Result<Speculation, GenerateError> {
+    let Some(s) = s else {
+        return Ok(Speculation::default());
+    };
+    use pb::speculation::Mode;
+    let mode = match Mode::try_from(s.mode) {
+        Ok(Mode::Unspecified) => SpecMode::Default,
+        Ok(Mode::Off) => SpecMode::Off,
+        Ok(Mode::DraftModel) => SpecMode::DraftModel,
+        Ok(Mode::Ngram) => SpecMode::Ngram,
+        Err(_) => return Err(GenerateError::UnknownSpeculationMode(s.mode)),
+    };
+    if s.max_draft_tokens as usize > MAX_DRAFT_TOKENS {
+        return Err(GenerateError::MaxDraftTokensOverLimit(s.max_draft_tokens));
+    }
+    Ok(Speculation {
+        mode,
+        max_draft_tokens: s.max_draft_tokens as usize,
     })
 }
 

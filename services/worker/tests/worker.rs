@@ -154,7 +154,7 @@ fn engine_tokens_blocking(tiny_dir: &std::path::Path, reqs: Vec<GenerateRequest>
                     ..Default::default()
                 },
                 ignore_eos: false,
-                max_draft_tokens: 0,
+                speculation: Default::default(),
             };
             let (toks, _, _) = e.submit(req).unwrap().collect_blocking().unwrap();
             toks.into_iter().map(|t| t.token).collect()
