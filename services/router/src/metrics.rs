@@ -33,6 +33,10 @@ pub struct RouterMetrics {
     pub worker_outstanding: Family<WorkerLabels, Gauge>,
     pub worker_requests: Family<WorkerLabels, Counter>,
     pub worker_usable: Family<WorkerLabels, Gauge>,
+    /// 1 while the membership registry (etcd) is reachable, 0 while serving from the last
+    /// known membership; absent with a static list.
+    pub registry_connected: Gauge,
+    pub member_groups: Gauge,
 }
 
 impl RouterMetrics {
@@ -52,6 +56,8 @@ impl RouterMetrics {
             worker_outstanding: Family::default(),
             worker_requests: Family::default(),
             worker_usable: Family::default(),
+            registry_connected: Gauge::default(),
+            member_groups: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("tandem_router");
         r.register(
@@ -109,7 +115,23 @@ impl RouterMetrics {
             "1 when the worker is in rotation (healthy, answering, tokenizer known)",
             m.worker_usable.clone(),
         );
+        r.register(
+            "member_groups",
+            "Group leaders in the membership (registry or static list), usable or not",
+            m.member_groups.clone(),
+        );
         m
+    }
+
+    /// Registered only when membership comes from a registry, so a static router does not
+    /// report a registry it does not have.
+    pub fn register_registry_metrics(&self, registry: &mut Registry) {
+        registry.sub_registry_with_prefix("tandem_router").register(
+            "registry_connected",
+            "1 while the membership registry (etcd) is reachable; 0 while the router serves from \
+             the last known membership",
+            self.registry_connected.clone(),
+        );
     }
 
     pub fn request_done(&self, method: &str, code: tonic::Code) {

@@ -21,7 +21,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::membership::Membership;
+use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::RouterMetrics;
 
 /// Health, Info and Load of one worker must answer within this; a worker that misses it twice
@@ -255,6 +255,8 @@ pub struct Poller {
     /// Consecutive polls that timed out, per worker.
     slow_polls: HashMap<String, u32>,
     serving: Option<bool>,
+    /// Last reported registry reachability (None: not reported yet, or static).
+    registry_connected: Option<bool>,
 }
 
 /// A worker's answer to one poll.
@@ -290,6 +292,7 @@ pub fn pool(
         was_usable: HashMap::new(),
         slow_polls: HashMap::new(),
         serving: None,
+        registry_connected: None,
     };
     (pool, poller)
 }
@@ -297,6 +300,7 @@ pub fn pool(
 impl Poller {
     /// Polls forever; the server aborts this task when it shuts down.
     pub async fn run(mut self) {
+        let changes = self.membership.changes();
         loop {
             self.round().await;
             tokio::select! {
@@ -305,13 +309,57 @@ impl Poller {
                 _ = self.poke.notified() => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // Groups joined or left the registry: act now, not at the next interval.
+                _ = async { changes.as_ref()?.notified().await; Some(()) }, if changes.is_some() => {}
             }
         }
     }
 
+    /// Metrics, health (`tandem.discovery`) and logs for the registry's reachability.
+    async fn report_membership(&mut self, n: usize) {
+        self.metrics.member_groups.set(n as i64);
+        let MembershipStatus::Registry { connected, error } = self.membership.status() else {
+            return;
+        };
+        self.metrics.registry_connected.set(i64::from(connected));
+        if self.registry_connected == Some(connected) {
+            return;
+        }
+        self.registry_connected = Some(connected);
+        let status = if connected {
+            tracing::info!(groups = n, "membership registry reachable");
+            tandem_runtime::ServingStatus::Serving
+        } else {
+            tracing::warn!(
+                groups = n,
+                error = error.as_deref().unwrap_or("not connected yet"),
+                "membership registry unreachable: serving from the last known membership"
+            );
+            tandem_runtime::ServingStatus::NotServing
+        };
+        tandem_runtime::set_health(&self.health, &[crate::DISCOVERY_HEALTH], status).await;
+    }
+
     async fn round(&mut self) {
         let endpoints = self.membership.endpoints();
+        self.report_membership(endpoints.len()).await;
+        let before = self.workers.len();
         self.workers.retain(|url, _| endpoints.contains(url));
+        if self.workers.len() < before {
+            // Groups left (deregistered, draining): out of rotation now, before this round's
+            // polls, so no new request goes there meanwhile.
+            let prev = self.tx.borrow().clone();
+            self.tx.send_replace(Arc::new(Snapshot {
+                workers: prev
+                    .workers
+                    .iter()
+                    .filter(|v| endpoints.contains(&v.worker.url))
+                    .cloned()
+                    .collect(),
+                models: prev.models.clone(),
+                polled: prev.polled,
+            }));
+        }
         for url in &endpoints {
             if self.workers.contains_key(url) {
                 continue;

@@ -123,6 +123,19 @@ pub struct WorkerArgs {
     /// Once loaded, how long a silent rank may stall a step before the group fails [default: 10s].
     #[arg(long, env = "TANDEM_WORKER_GROUP_IO_TIMEOUT")]
     pub group_io_timeout: Option<Dur>,
+    /// etcd endpoints, comma separated (http://HOST:2379): the group leader registers there so
+    /// routers find it; ranks of a group without --group-peers meet there [default: none].
+    #[arg(long, env = "TANDEM_WORKER_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
+    #[arg(long, env = "TANDEM_WORKER_CLUSTER")]
+    pub cluster: Option<String>,
+    /// HOST:PORT that routers should dial for this worker [default: the listen address].
+    #[arg(long, env = "TANDEM_WORKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// Group id in etcd [default: derived from the advertise address].
+    #[arg(long, env = "TANDEM_WORKER_GROUP")]
+    pub group: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -153,12 +166,29 @@ impl WorkerArgs {
                 group_peers,
                 group_connect_timeout,
                 group_io_timeout,
+                etcd_endpoints,
+                cluster,
+                advertise_address,
+                group,
             ]
         );
     }
 
+    fn discovery(&self) -> Option<tandem_worker::WorkerDiscovery> {
+        let endpoints = self.etcd_endpoints.clone().unwrap_or_default();
+        if endpoints.iter().all(|e| e.trim().is_empty()) {
+            return None;
+        }
+        Some(tandem_worker::WorkerDiscovery {
+            etcd_endpoints: endpoints,
+            cluster: cluster_name(self.cluster.as_deref()),
+            advertise: self.advertise_address.clone(),
+            group: self.group.clone(),
+        })
+    }
+
     /// The group settings: `None` for world size 1 (no group).
-    fn group(&self) -> anyhow::Result<Option<tandem_worker::GroupConfig>> {
+    fn group_config(&self) -> anyhow::Result<Option<tandem_worker::GroupConfig>> {
         let world_size = self.world_size.unwrap_or(1);
         let rank = self.rank.unwrap_or(0);
         anyhow::ensure!(world_size >= 1, "--world-size must be at least 1");
@@ -195,7 +225,8 @@ impl WorkerArgs {
     }
 
     fn into_config(self) -> anyhow::Result<tandem_worker::WorkerConfig> {
-        let group = self.group()?;
+        let group = self.group_config()?;
+        let discovery = self.discovery();
         let model = self.model.context(
             "no model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_WORKER_MODEL, or set model in the [worker] section of the config file",
         )?;
@@ -233,6 +264,7 @@ impl WorkerArgs {
             cfg.drain_grace = v.0;
         }
         cfg.group = group;
+        cfg.discovery = discovery;
         Ok(cfg)
     }
 }
@@ -271,6 +303,13 @@ pub struct RouterArgs {
     /// How often workers are polled for health and load [default: 1s].
     #[arg(long, env = "TANDEM_ROUTER_POLL_INTERVAL")]
     pub poll_interval: Option<Dur>,
+    /// etcd endpoints, comma separated (http://HOST:2379): groups that register there join and
+    /// leave without a restart (on top of --workers) [default: none].
+    #[arg(long, env = "TANDEM_ROUTER_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
+    #[arg(long, env = "TANDEM_ROUTER_CLUSTER")]
+    pub cluster: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -293,18 +332,29 @@ impl RouterArgs {
                 drain_grace,
                 request_timeout,
                 poll_interval,
+                etcd_endpoints,
+                cluster,
             ]
         );
     }
 
     fn into_config(self) -> anyhow::Result<tandem_router::RouterConfig> {
         let workers = self.workers.unwrap_or_default();
+        let etcd: Vec<String> = self
+            .etcd_endpoints
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| !e.trim().is_empty())
+            .collect();
         anyhow::ensure!(
-            !workers.is_empty(),
-            "no workers: pass --workers http://HOST:PORT[,...], set TANDEM_ROUTER_WORKERS, or set workers in the [router] section of the config file"
+            !workers.is_empty() || !etcd.is_empty(),
+            "no workers: pass --workers http://HOST:PORT[,...] or --etcd-endpoints http://HOST:2379 (TANDEM_ROUTER_WORKERS / TANDEM_ROUTER_ETCD_ENDPOINTS, or workers / etcd_endpoints in the [router] section of the config file)"
         );
         let listen = self.listen.unwrap_or_else(|| ([0, 0, 0, 0], 50051).into());
         let mut cfg = tandem_router::RouterConfig::new(listen, workers);
+        cfg.etcd_endpoints = etcd;
+        cfg.cluster = cluster_name(self.cluster.as_deref());
+        tandem_discovery::Keys::new(&cfg.cluster).context("--cluster")?;
         cfg.metrics_listen = self.metrics_listen;
         cfg.model_name = self.model_name;
         if let Some(v) = self.max_new_tokens_limit {
@@ -393,6 +443,14 @@ impl UpArgs {
             ]
         );
     }
+}
+
+/// `--cluster`, or the default cluster.
+fn cluster_name(flag: Option<&str>) -> String {
+    flag.map(str::trim)
+        .filter(|c| !c.is_empty())
+        .unwrap_or(tandem_discovery::DEFAULT_CLUSTER)
+        .to_owned()
 }
 
 fn main() -> ExitCode {
@@ -569,6 +627,56 @@ mod tests {
         };
         let e = bad.into_config().unwrap_err().to_string();
         assert!(e.contains("--group-peers"), "{e}");
+    }
+
+    #[test]
+    fn discovery_flags_reach_the_configs() {
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "worker",
+            "--model",
+            "/m.gguf",
+            "--etcd-endpoints",
+            "http://e1:2379,e2:2379",
+            "--cluster",
+            "prod",
+            "--advertise-address",
+            "w-0.w:50061",
+            "--group",
+            "g0",
+        ])
+        .unwrap();
+        let Command::Worker(args) = cli.command else {
+            panic!("not the worker subcommand");
+        };
+        let d = args.into_config().unwrap().discovery.unwrap();
+        assert_eq!(d.etcd_endpoints, vec!["http://e1:2379", "e2:2379"]);
+        assert_eq!(d.cluster, "prod");
+        assert_eq!(d.advertise.as_deref(), Some("w-0.w:50061"));
+        assert_eq!(d.group.as_deref(), Some("g0"));
+        let plain = WorkerArgs {
+            model: Some("/m".into()),
+            ..Default::default()
+        };
+        assert!(plain.into_config().unwrap().discovery.is_none());
+
+        // etcd alone is enough for a router; the cluster defaults to "default".
+        let cli =
+            Cli::try_parse_from(["tandem", "router", "--etcd-endpoints", "http://e:2379"]).unwrap();
+        let Command::Router(args) = cli.command else {
+            panic!("not the router subcommand");
+        };
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.etcd_endpoints, vec!["http://e:2379"]);
+        assert_eq!(cfg.cluster, "default");
+        assert!(cfg.workers.is_empty());
+        let bad = RouterArgs {
+            etcd_endpoints: Some(vec!["http://e:2379".into()]),
+            cluster: Some("a/b".into()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", bad.into_config().unwrap_err());
+        assert!(e.contains("--cluster") && e.contains("ASCII"), "{e}");
     }
 
     #[test]
