@@ -16,6 +16,7 @@
 mod membership;
 mod metrics;
 mod pool;
+mod routing;
 mod service;
 mod validate;
 
@@ -33,6 +34,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use membership::{Membership, MembershipStatus, RegistryMembership, StaticMembership};
+pub use routing::Policy;
 pub use validate::{DEFAULT_MAX_NEW_TOKENS, MAX_ID_LEN};
 
 /// The public service's full name, for health and reflection.
@@ -56,6 +58,8 @@ pub struct RouterConfig {
     pub etcd_endpoints: Vec<String>,
     /// Cluster name: the etcd key prefix `/tandem/v1/<cluster>/`.
     pub cluster: String,
+    /// How a group is chosen for each request.
+    pub routing_policy: Policy,
     /// The model a request gets when it leaves `model` empty. Unset: the only model served
     /// (the first by name when there are several).
     pub model_name: Option<String>,
@@ -82,6 +86,7 @@ impl RouterConfig {
             workers,
             etcd_endpoints: Vec::new(),
             cluster: tandem_discovery::DEFAULT_CLUSTER.to_owned(),
+            routing_policy: Policy::default(),
             model_name: None,
             max_new_tokens_limit: 4096,
             max_message_bytes: 4 << 20,
@@ -227,6 +232,7 @@ impl Router {
         tandem_runtime::set_health(&health, &[GENERATION_SERVICE], ServingStatus::NotServing).await;
         let (pool, poller) = pool::pool(
             membership,
+            cfg.routing_policy,
             health.clone(),
             metrics.clone(),
             cfg.poll_interval,
@@ -253,6 +259,7 @@ impl Router {
             %addr,
             workers = ?cfg.workers,
             etcd = ?cfg.etcd_endpoints,
+            policy = cfg.routing_policy.name(),
             "router listening"
         );
         Ok(Self {

@@ -37,6 +37,11 @@ pub struct RouterMetrics {
     /// known membership; absent with a static list.
     pub registry_connected: Gauge,
     pub member_groups: Gauge,
+    /// 1 while a worker's circuit breaker has it ejected.
+    pub worker_ejected: Family<WorkerLabels, Gauge>,
+    pub ejections: Counter,
+    /// Retries refused because the retry budget was spent.
+    pub retries_refused: Counter,
 }
 
 impl RouterMetrics {
@@ -58,6 +63,9 @@ impl RouterMetrics {
             worker_usable: Family::default(),
             registry_connected: Gauge::default(),
             member_groups: Gauge::default(),
+            worker_ejected: Family::default(),
+            ejections: Counter::default(),
+            retries_refused: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("tandem_router");
         r.register(
@@ -114,6 +122,21 @@ impl RouterMetrics {
             "worker_usable",
             "1 when the worker is in rotation (healthy, answering, tokenizer known)",
             m.worker_usable.clone(),
+        );
+        r.register(
+            "worker_ejected",
+            "1 while the worker is ejected by its circuit breaker (repeated request failures)",
+            m.worker_ejected.clone(),
+        );
+        r.register(
+            "ejections",
+            "Times a worker was ejected by its circuit breaker",
+            m.ejections.clone(),
+        );
+        r.register(
+            "retries_refused",
+            "Failures before the first token not retried because the retry budget was spent",
+            m.retries_refused.clone(),
         );
         r.register(
             "member_groups",

@@ -5,9 +5,9 @@
 //! count and its "failed" flag, both atomics, so no lock is ever held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_model::TextModel;
 use tandem_proto::shard::v1::shard_client::ShardClient;
@@ -23,6 +23,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::RouterMetrics;
+use crate::routing::{self, Breaker, BreakerChange, Candidate, Policy, RetryBudget, RouteKey};
 
 /// Health, Info and Load of one worker must answer within this; a worker that misses it twice
 /// in a row (or fails outright once) leaves the rotation.
@@ -34,9 +35,6 @@ const TOKENIZER_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_TOKENIZER_MESSAGE: usize = 64 << 20;
 /// The service name a worker reports health for; "" (the whole server) is the fallback.
 const SHARD_SERVICE: &str = "tandem.shard.v1.Shard";
-/// Session affinity gives way when the session's worker has this many more requests than the
-/// least-loaded one.
-const AFFINITY_SLACK: u64 = 4;
 
 /// One worker (group leader) endpoint. Lives as long as the endpoint stays in the membership,
 /// across snapshots, so its outstanding count is continuous.
@@ -45,8 +43,12 @@ pub struct Worker {
     pub shard: ShardClient<Channel>,
     health: HealthClient<Channel>,
     outstanding: AtomicU32,
+    /// Prompt + remaining max_new_tokens of this router's requests there.
+    outstanding_tokens: AtomicU64,
     /// Set when a request to it failed at the transport level; the next good poll clears it.
     failed: AtomicBool,
+    /// Ejects it after repeated request failures, whatever its health says.
+    pub breaker: Breaker,
 }
 
 impl Worker {
@@ -66,7 +68,9 @@ impl Worker {
                 .max_encoding_message_size(max_message_bytes),
             health: HealthClient::new(channel),
             outstanding: AtomicU32::new(0),
+            outstanding_tokens: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            breaker: Breaker::default(),
         })
     }
 
@@ -79,23 +83,80 @@ impl Worker {
 pub struct Lease {
     pub worker: Arc<Worker>,
     metrics: RouterMetrics,
+    /// Tokens still counted against the worker.
+    tokens: u64,
+    /// This request is the worker's circuit-breaker probe.
+    probe: bool,
+    /// Success or failure was recorded with the breaker.
+    resolved: bool,
 }
 
 impl Lease {
-    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics) -> Self {
+    /// Claims `worker` for a request of `tokens` (prompt + max_new_tokens).
+    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics, tokens: u64) -> Self {
         worker.outstanding.fetch_add(1, Ordering::Relaxed);
+        worker
+            .outstanding_tokens
+            .fetch_add(tokens, Ordering::Relaxed);
+        let probe = worker.breaker.picked(Instant::now());
         let labels = metrics.worker(&worker.url);
         metrics.worker_outstanding.get_or_create(&labels).inc();
         metrics.worker_requests.get_or_create(&labels).inc();
         Self {
             worker,
             metrics: metrics.clone(),
+            tokens,
+            probe,
+            resolved: false,
+        }
+    }
+
+    /// `n` tokens were generated: that much less work is left there.
+    pub fn progress(&mut self, n: u64) {
+        let n = n.min(self.tokens);
+        self.tokens -= n;
+        self.worker
+            .outstanding_tokens
+            .fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The worker served (its first token arrived).
+    pub fn succeeded(&mut self) {
+        if std::mem::replace(&mut self.resolved, true) {
+            return;
+        }
+        if self.worker.breaker.success() == BreakerChange::Closed {
+            tracing::info!(worker = %self.worker.url, "probe succeeded; worker back in rotation");
+            self.metrics
+                .worker_ejected
+                .get_or_create(&self.metrics.worker(&self.worker.url))
+                .set(0);
+        }
+    }
+
+    /// The worker failed this request (down, internal error, broken stream).
+    pub fn failed(&mut self) {
+        if std::mem::replace(&mut self.resolved, true) {
+            return;
+        }
+        if let BreakerChange::Ejected(d) = self.worker.breaker.failure(Instant::now()) {
+            tracing::warn!(worker = %self.worker.url, for_s = d.as_secs_f64(),
+                "worker failed repeatedly; ejected (circuit breaker), then probed");
+            let labels = self.metrics.worker(&self.worker.url);
+            self.metrics.worker_ejected.get_or_create(&labels).set(1);
+            self.metrics.ejections.inc();
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.probe && !self.resolved {
+            self.worker.breaker.probe_abandoned();
+        }
+        self.worker
+            .outstanding_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
         self.worker.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.metrics
             .worker_outstanding
@@ -131,7 +192,18 @@ pub struct WorkerView {
 
 impl WorkerView {
     pub fn usable(&self) -> bool {
-        self.polled_ok && !self.worker.failed.load(Ordering::Relaxed)
+        self.polled_ok
+            && !self.worker.failed.load(Ordering::Relaxed)
+            && self.worker.breaker.available(Instant::now())
+    }
+
+    /// Outstanding tokens: the larger of our own count and the leader's cached tokens (which
+    /// include other routers' requests; taking the sum would count ours twice).
+    fn tokens(&self) -> u64 {
+        self.worker
+            .outstanding_tokens
+            .load(Ordering::Relaxed)
+            .max(self.load.kv_tokens)
     }
 
     /// Requests ahead of a new one: ours in flight plus the worker's own count (which includes
@@ -160,6 +232,9 @@ pub struct Pool {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     poke: Arc<Notify>,
     rr: AtomicUsize,
+    policy: Policy,
+    /// Retries before the first token, across all requests.
+    pub retry_budget: RetryBudget,
 }
 
 impl Pool {
@@ -180,16 +255,15 @@ impl Pool {
         self.poke.notify_one();
     }
 
-    /// The least-loaded usable worker serving `model`, skipping `exclude` (URLs already tried).
-    /// Workers whose queue had room at the last poll come first; when none had, the least loaded
-    /// full one is still tried, since its queue may have drained since. With a session id, the
-    /// session's worker (rendezvous hashing) is preferred unless it is much busier.
+    /// A usable worker serving `model`, not in `exclude` (URLs already tried), chosen by the
+    /// routing policy. Workers whose queue had room at the last poll come first; when none had,
+    /// the policy still picks among the full ones, since a queue may have drained since.
     pub fn pick(
         &self,
         snap: &Snapshot,
         model: &str,
         exclude: &[String],
-        session_id: &str,
+        key: RouteKey,
     ) -> Option<Arc<Worker>> {
         let candidates: Vec<&WorkerView> = snap
             .workers
@@ -208,34 +282,17 @@ impl Pool {
         } else {
             with_room
         };
-        let min = pool.iter().map(|v| v.score()).min()?;
-        if !session_id.is_empty() {
-            let preferred = pool
-                .iter()
-                .max_by_key(|v| fnv1a(session_id.as_bytes(), v.worker.url.as_bytes()));
-            if let Some(v) = preferred {
-                if v.score() <= min + AFFINITY_SLACK {
-                    return Some(v.worker.clone());
-                }
-            }
-        }
-        // Ties rotate, so equal workers share a burst that arrives between two polls.
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let n = pool.len();
-        (0..n)
-            .map(|i| pool[(start + i) % n])
-            .find(|v| v.score() == min)
-            .map(|v| v.worker.clone())
+        let cands: Vec<Candidate<'_>> = pool
+            .iter()
+            .map(|v| Candidate {
+                url: &v.worker.url,
+                requests: v.score(),
+                tokens: v.tokens(),
+            })
+            .collect();
+        let rr = self.rr.fetch_add(1, Ordering::Relaxed);
+        routing::choose(self.policy, &cands, key, rr).map(|i| pool[i].worker.clone())
     }
-}
-
-fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in a.iter().chain([0u8].iter()).chain(b) {
-        h ^= u64::from(*byte);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// Everything the poller needs; consumed by [`Poller::run`].
@@ -265,8 +322,10 @@ struct PollResult {
     load: LoadResponse,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn pool(
     membership: Arc<dyn Membership>,
+    policy: Policy,
     health: HealthReporter,
     metrics: RouterMetrics,
     interval: Duration,
@@ -278,6 +337,8 @@ pub fn pool(
         snapshot: rx,
         poke: poke.clone(),
         rr: AtomicUsize::new(0),
+        policy,
+        retry_budget: RetryBudget::default(),
     };
     let poller = Poller {
         membership,
@@ -675,6 +736,7 @@ async fn fetch_text(w: &Worker) -> Result<TextModel, String> {
 mod tests {
     use super::*;
 
+    /// A worker whose last `Load` said `running` sequences of 100 cached tokens each.
     fn view(url: &str, model: &str, running: u32, waiting: u32, max_waiting: u32) -> WorkerView {
         WorkerView {
             worker: Arc::new(Worker::new(url, 1 << 20).unwrap()),
@@ -683,18 +745,21 @@ mod tests {
                 running,
                 waiting,
                 max_waiting,
+                kv_tokens: u64::from(running) * 100,
                 ..Default::default()
             },
             polled_ok: true,
         }
     }
 
-    fn pool_of(workers: Vec<WorkerView>) -> (Pool, Snapshot) {
+    fn pool_of(policy: Policy, workers: Vec<WorkerView>) -> (Pool, Snapshot) {
         let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let pool = Pool {
             snapshot: rx,
             poke: Arc::new(Notify::new()),
             rr: AtomicUsize::new(0),
+            policy,
+            retry_budget: RetryBudget::default(),
         };
         let snap = Snapshot {
             workers,
@@ -708,66 +773,118 @@ mod tests {
         w.map(|w| w.url.clone()).unwrap_or_default()
     }
 
+    fn any() -> RouteKey {
+        RouteKey::default()
+    }
+
     #[tokio::test]
-    async fn picks_least_loaded_with_room() {
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 3, 0, 10),
-            view("http://b:1", "m", 1, 0, 10),
-            view("http://c:1", "other", 0, 0, 10),
-        ]);
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
-        // Our own outstanding requests count too.
-        let leases: Vec<Lease> = (0..3)
-            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics()))
+    async fn least_tokens_prefers_room_and_counts_our_own_requests() {
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 3, 0, 10),
+                view("http://b:1", "m", 1, 0, 10),
+                view("http://c:1", "other", 0, 0, 10),
+            ],
+        );
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
+        // Our own outstanding tokens count too (b: 450 of ours > a's 300 cached).
+        let mut leases: Vec<Lease> = (0..3)
+            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics(), 150))
             .collect();
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://a:1");
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://a:1");
+        // Generated tokens are work done.
+        for l in &mut leases {
+            l.progress(100);
+        }
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
         drop(leases);
         assert_eq!(
-            url(pool.pick(&snap, "m", &["http://b:1".into()], "")),
+            snap.workers[1]
+                .worker
+                .outstanding_tokens
+                .load(Ordering::Relaxed),
+            0
+        );
+        assert_eq!(
+            url(pool.pick(&snap, "m", &["http://b:1".into()], any())),
             "http://a:1"
         );
-        assert!(pool.pick(&snap, "nope", &[], "").is_none());
+        assert!(pool.pick(&snap, "nope", &[], any()).is_none());
         // A full queue loses to one with room, even when less loaded.
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 1, 4, 4),
-            view("http://b:1", "m", 9, 0, 10),
-        ]);
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 1, 4, 4),
+                view("http://b:1", "m", 9, 0, 10),
+            ],
+        );
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
         // When every queue is full, the least loaded is still tried.
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 1, 4, 4),
-            view("http://b:1", "m", 9, 10, 10),
-        ]);
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://a:1");
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 1, 4, 4),
+                view("http://b:1", "m", 9, 10, 10),
+            ],
+        );
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://a:1");
     }
 
     #[tokio::test]
     async fn ties_rotate_and_failed_workers_are_skipped() {
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 0, 0, 10),
-            view("http://b:1", "m", 0, 0, 10),
-        ]);
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 0, 0, 10),
+                view("http://b:1", "m", 0, 0, 10),
+            ],
+        );
         let picks: Vec<String> = (0..4)
-            .map(|_| url(pool.pick(&snap, "m", &[], "")))
+            .map(|_| url(pool.pick(&snap, "m", &[], any())))
             .collect();
         assert!(picks.contains(&"http://a:1".to_owned()));
         assert!(picks.contains(&"http://b:1".to_owned()));
         pool.mark_failed(&snap.workers[0].worker);
         for _ in 0..4 {
-            assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+            assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
         }
     }
 
     #[tokio::test]
+    async fn repeated_failures_eject_a_worker_until_a_probe_succeeds() {
+        let (pool, snap) = pool_of(
+            Policy::RoundRobin,
+            vec![
+                view("http://a:1", "m", 0, 0, 10),
+                view("http://b:1", "m", 0, 0, 10),
+            ],
+        );
+        let a = snap.workers[0].worker.clone();
+        for _ in 0..routing::BREAKER_THRESHOLD {
+            Lease::new(a.clone(), &test_metrics(), 1).failed();
+        }
+        // Its health is fine (polled_ok), but it is out of rotation.
+        for _ in 0..4 {
+            assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
+        }
+        assert!(a.breaker.is_open());
+    }
+
+    #[tokio::test]
     async fn sessions_stick_unless_much_busier() {
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 0, 0, 10),
-            view("http://b:1", "m", 0, 0, 10),
-            view("http://c:1", "m", 0, 0, 10),
-        ]);
-        let first = url(pool.pick(&snap, "m", &[], "session-42"));
+        let (pool, snap) = pool_of(
+            Policy::Session,
+            vec![
+                view("http://a:1", "m", 0, 0, 10),
+                view("http://b:1", "m", 0, 0, 10),
+                view("http://c:1", "m", 0, 0, 10),
+            ],
+        );
+        let key = RouteKey::new("session-42", &[1, 2, 3]);
+        let first = url(pool.pick(&snap, "m", &[], key));
         for _ in 0..5 {
-            assert_eq!(url(pool.pick(&snap, "m", &[], "session-42")), first);
+            assert_eq!(url(pool.pick(&snap, "m", &[], key)), first);
         }
         let busy: Vec<WorkerView> = snap
             .workers
@@ -775,7 +892,7 @@ mod tests {
             .map(|v| {
                 let mut v = v.clone();
                 if v.worker.url == first {
-                    v.load.running = AFFINITY_SLACK as u32 + 1;
+                    v.load.running = 5;
                 }
                 v
             })
@@ -785,7 +902,7 @@ mod tests {
             models: BTreeMap::new(),
             polled: true,
         };
-        assert_ne!(url(pool.pick(&snap, "m", &[], "session-42")), first);
+        assert_ne!(url(pool.pick(&snap, "m", &[], key)), first);
     }
 
     fn test_metrics() -> RouterMetrics {

@@ -310,6 +310,10 @@ pub struct RouterArgs {
     /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
     #[arg(long, env = "TANDEM_ROUTER_CLUSTER")]
     pub cluster: Option<String>,
+    /// How a group is picked: least-tokens, prefix (shared prompt prefixes to the same group),
+    /// session (least-tokens plus session-id affinity) or round-robin [default: session].
+    #[arg(long, env = "TANDEM_ROUTER_ROUTING_POLICY")]
+    pub routing_policy: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -334,6 +338,7 @@ impl RouterArgs {
                 poll_interval,
                 etcd_endpoints,
                 cluster,
+                routing_policy,
             ]
         );
     }
@@ -355,6 +360,11 @@ impl RouterArgs {
         cfg.etcd_endpoints = etcd;
         cfg.cluster = cluster_name(self.cluster.as_deref());
         tandem_discovery::Keys::new(&cfg.cluster).context("--cluster")?;
+        if let Some(p) = &self.routing_policy {
+            cfg.routing_policy = p
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--routing-policy: {e}"))?;
+        }
         cfg.metrics_listen = self.metrics_listen;
         cfg.model_name = self.model_name;
         if let Some(v) = self.max_new_tokens_limit {
@@ -670,6 +680,37 @@ mod tests {
         assert_eq!(cfg.etcd_endpoints, vec!["http://e:2379"]);
         assert_eq!(cfg.cluster, "default");
         assert!(cfg.workers.is_empty());
+        assert_eq!(cfg.routing_policy, tandem_router::Policy::Session);
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "router",
+            "--workers",
+            "w:1",
+            "--routing-policy",
+            "prefix",
+        ])
+        .unwrap();
+        let Command::Router(args) = cli.command else {
+            panic!("not the router subcommand");
+        };
+        assert_eq!(
+            args.into_config().unwrap().routing_policy,
+            tandem_router::Policy::Prefix
+        );
+        let e = format!(
+            "{:#}",
+            RouterArgs {
+                workers: Some(vec!["w:1".into()]),
+                routing_policy: Some("fastest".into()),
+                ..Default::default()
+            }
+            .into_config()
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("--routing-policy") && e.contains("round-robin"),
+            "{e}"
+        );
         let bad = RouterArgs {
             etcd_endpoints: Some(vec!["http://e:2379".into()]),
             cluster: Some("a/b".into()),
