@@ -430,6 +430,15 @@ pub struct UpArgs {
     /// On shutdown, how long children get before they are killed [default: 10s].
     #[arg(long, env = "TANDEM_UP_GRACE")]
     pub grace: Option<Dur>,
+    /// Start a local etcd (the `etcd` binary, apt: etcd-server) and let groups register there
+    /// and the router follow it, instead of the static worker list.
+    #[arg(
+        long,
+        env = "TANDEM_UP_ETCD",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub etcd: Option<bool>,
 }
 
 impl UpArgs {
@@ -450,6 +459,7 @@ impl UpArgs {
                 max_waiting,
                 ready_timeout,
                 grace,
+                etcd,
             ]
         );
     }

@@ -197,23 +197,23 @@ async fn router_gauge(r: &Node, name: &str) -> Option<f64> {
     sample(&scrape(r.metrics).await, name, "")
 }
 
-async fn client(r: &Node) -> GenerationClient<Channel> {
-    GenerationClient::connect(format!("http://{}", r.addr))
+async fn client(addr: SocketAddr) -> GenerationClient<Channel> {
+    GenerationClient::connect(format!("http://{addr}"))
         .await
         .unwrap()
 }
 
-async fn replicas(r: &Node) -> Option<u32> {
-    let mut c = GenerationClient::connect(format!("http://{}", r.addr))
+async fn replicas(addr: SocketAddr) -> Option<u32> {
+    let mut c = GenerationClient::connect(format!("http://{addr}"))
         .await
         .ok()?;
     let models = c.list_models(ListModelsRequest {}).await.ok()?.into_inner();
     Some(models.models.first().map_or(0, |m| m.replicas))
 }
 
-async fn wait_replicas(r: &Node, n: u32) {
+async fn wait_replicas(addr: SocketAddr, n: u32) {
     until(&format!("router reports {n} replicas"), || async {
-        replicas(r).await == Some(n)
+        replicas(addr).await == Some(n)
     })
     .await;
 }
@@ -356,7 +356,7 @@ async fn groups_join_and_leave_without_restarting_the_router() {
         .map(|i| env.worker(&format!("worker {i}"), &[]))
         .collect();
     let mut router = env.router("router");
-    wait_replicas(&router, 3).await;
+    wait_replicas(router.addr, 3).await;
     let mut groups = env.groups().await;
     until_view(&mut groups, "3 groups registered", |s| s.entries.len() == 3).await;
 
@@ -437,7 +437,7 @@ async fn two_routers_ride_out_an_etcd_outage_and_converge() {
     let mut b = env.worker("worker b", &[]);
     let routers = [env.router("router 1"), env.router("router 2")];
     for r in &routers {
-        wait_replicas(r, 2).await;
+        wait_replicas(r.addr, 2).await;
         until("registry connected", || async {
             router_gauge(r, "tandem_router_registry_connected").await == Some(1.0)
         })
@@ -466,7 +466,7 @@ async fn two_routers_ride_out_an_etcd_outage_and_converge() {
     // Meanwhile b dies and c starts (it cannot register yet).
     b.proc.kill();
     let c = env.worker("worker c", &[]);
-    let mut clients = [client(&routers[0]).await, client(&routers[1]).await];
+    let mut clients = [client(routers[0].addr).await, client(routers[1].addr).await];
     let mut served = 0;
     while outage.elapsed() < Duration::from_secs(20) {
         for cl in &mut clients {
@@ -494,12 +494,12 @@ async fn two_routers_ride_out_an_etcd_outage_and_converge() {
         // Converged: a and c; b's lease expired.
         until("membership converges to a and c", || async {
             router_gauge(r, "tandem_router_member_groups").await == Some(2.0)
-                && replicas(r).await == Some(2)
+                && replicas(r.addr).await == Some(2)
         })
         .await;
     }
     for r in &routers {
-        let mut cl = client(r).await;
+        let mut cl = client(r.addr).await;
         let start = Instant::now();
         while sent_to(r, &c).await == 0.0 {
             assert!(
@@ -547,12 +547,12 @@ async fn sigterm_drains_a_busy_group_with_zero_errors() {
         .map(|i| env.worker(&format!("worker {i}"), &[]))
         .collect();
     let router = env.router("router");
-    wait_replicas(&router, 3).await;
+    wait_replicas(router.addr, 3).await;
     let mut groups = env.groups().await;
     until_view(&mut groups, "3 groups registered", |s| s.entries.len() == 3).await;
 
     // Long streams on every group (least-loaded spreads 6 over 3).
-    let mut c = client(&router).await;
+    let mut c = client(router.addr).await;
     let long: Vec<_> = (0..6)
         .map(|i| {
             let mut c = c.clone();
@@ -602,4 +602,71 @@ async fn sigterm_drains_a_busy_group_with_zero_errors() {
     let status = workers[0].proc.wait_exit(PATIENCE).await;
     assert!(status.success(), "drained worker exit: {status}");
     assert!(workers[0].proc.output().contains("deregistered from etcd"));
+}
+
+/// `tandem up --etcd`: a local etcd, groups that register there, a router that follows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_with_etcd_runs_the_cluster_through_a_local_etcd() {
+    // Same rule as the other tests: skip (or fail under TANDEM_REQUIRE_ETCD=1) without etcd.
+    let Some(probe) = EtcdServer::start_on(free_addr(), free_addr()) else {
+        return;
+    };
+    drop(probe);
+    let tiny = tiny_model(&TinyConfig::llama()).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let mut up = Proc::start(
+        "up",
+        logs.path(),
+        &[
+            "up".into(),
+            "--etcd".into(),
+            "--model".into(),
+            tiny.dir.display().to_string(),
+            "--workers".into(),
+            "2".into(),
+            "--tp".into(),
+            "1".into(),
+            "--listen".into(),
+            listen.to_string(),
+        ],
+    );
+    let start = Instant::now();
+    while !up.output().contains("Tandem is up") {
+        assert!(up.is_running(), "tandem up exited:\n{}", up.output());
+        assert!(start.elapsed() < PATIENCE, "{}", up.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let banner = up.output();
+    let etcd = banner
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("etcd (groups under /tandem/v1/default/groups/): ")
+        })
+        .unwrap_or_else(|| panic!("no etcd line in the banner:\n{banner}"))
+        .to_owned();
+    // Both groups registered in that etcd, and the router serves both.
+    let mut groups = Registry::etcd(&[etcd])
+        .await
+        .unwrap()
+        .view(&Keys::new("default").unwrap().groups());
+    until_view(&mut groups, "2 groups in up's etcd", |s| {
+        s.entries.len() == 2
+    })
+    .await;
+    wait_replicas(listen, 2).await;
+    let mut c = client(listen).await;
+    let o = stream(&mut c, long_req("hello", 8)).await;
+    assert!(o.error.is_none(), "{o:?}");
+    assert!(up.output().contains("following group membership in etcd"));
+
+    up.sigterm();
+    let status = up.wait_exit(PATIENCE).await;
+    assert!(status.success(), "up exit: {status}\n{}", up.output());
+    assert!(
+        up.output().contains("deregistered from etcd"),
+        "{}",
+        up.output()
+    );
 }
