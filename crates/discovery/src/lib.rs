@@ -42,6 +42,7 @@ mod etcd;
 mod keys;
 mod memory;
 mod records;
+mod rendezvous;
 pub mod testing;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,7 @@ use tokio::task::JoinHandle;
 
 pub use keys::{group_id_from_address, Keys, DEFAULT_CLUSTER};
 pub use records::{parse_record, GroupRecord, RendezvousRecord, RECORD_VERSION};
+pub use rendezvous::{rendezvous, Rendezvous};
 
 /// Lease TTL of registrations: an instance that dies silently disappears after this long.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -82,6 +84,17 @@ pub enum DiscoveryError {
     Timeout(Duration),
     #[error("registration task ended unexpectedly: {0}")]
     TaskFailed(String),
+    #[error(
+        "rendezvous of group '{group}': not every one of its {world_size} ranks registered within \
+         {timeout:?} (present: [{present}]); start every rank with the same --group and \
+         --world-size"
+    )]
+    Rendezvous {
+        group: String,
+        world_size: usize,
+        timeout: Duration,
+        present: String,
+    },
 }
 
 /// Options of the etcd backend.

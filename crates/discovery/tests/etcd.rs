@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tandem_discovery::testing::EtcdServer;
 use tandem_discovery::{
-    EtcdOptions, Keys, RegistrationState, Registry, ViewState, WatchEvent, RECORD_VERSION,
+    EtcdOptions, Keys, RegistrationState, Registry, RendezvousRecord, ViewState, WatchEvent,
+    RECORD_VERSION,
 };
 
 /// Long enough for any step here on a loaded 2-core machine; only a bound on hangs.
@@ -242,4 +243,65 @@ async fn outage_keeps_last_state_and_converges() {
     until(&mut view, "converged after the outage", want).await;
     until(&mut second, "a second watcher converged too", want).await;
     assert!(matches!(live.state(), RegistrationState::Registered { .. }));
+}
+
+/// Ranks of a tensor-parallel group meet in etcd: each learns every address in rank order and
+/// rank 0's NCCL id; a group that never completes says which ranks came.
+#[tokio::test]
+async fn ranks_meet_through_rendezvous_keys() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let registry = Registry::etcd(&etcd.endpoints()).await.unwrap();
+    let keys = Keys::new("t").unwrap();
+    let patience = Duration::from_secs(20);
+    let tasks: Vec<_> = (0..3)
+        .rev()
+        .map(|rank| {
+            let (registry, keys) = (registry.clone(), keys.clone());
+            tokio::spawn(async move {
+                let me = RendezvousRecord {
+                    version: RECORD_VERSION,
+                    rank,
+                    world_size: 3,
+                    address: format!("10.0.0.{rank}:700{rank}"),
+                    nccl_unique_id: (rank == 0).then(|| "abcd".to_owned()),
+                };
+                tandem_discovery::rendezvous(&registry, &keys, "g1", me, patience)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut groups = Vec::new();
+    for t in tasks {
+        groups.push(t.await.unwrap());
+    }
+    for g in &groups {
+        assert_eq!(
+            g.addresses(),
+            vec!["10.0.0.0:7000", "10.0.0.1:7001", "10.0.0.2:7002"]
+        );
+        assert_eq!(g.nccl_unique_id(), Some("abcd"));
+        assert_eq!(g.ranks[2].nccl_unique_id, None);
+    }
+    assert_eq!(
+        registry.list(&keys.rendezvous("g1")).await.unwrap().len(),
+        3
+    );
+    drop(groups);
+
+    let lonely = RendezvousRecord {
+        version: RECORD_VERSION,
+        rank: 1,
+        world_size: 2,
+        address: "10.0.0.1:1".into(),
+        nccl_unique_id: None,
+    };
+    let e =
+        tandem_discovery::rendezvous(&registry, &keys, "g2", lonely, Duration::from_millis(500))
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("'g2'") && e.contains("present: [1]"), "{e}");
 }

@@ -197,11 +197,21 @@ impl WorkerArgs {
             return Ok(None);
         }
         let peers = self.group_peers.clone().unwrap_or_default();
-        anyhow::ensure!(
-            peers.len() == world_size,
-            "--world-size {world_size} needs --group-peers with {world_size} HOST:PORT addresses (one per rank, rank order; TANDEM_WORKER_GROUP_PEERS or group_peers in the [worker] section), got {}",
-            peers.len()
-        );
+        let etcd = self.discovery().is_some();
+        // No peer list but etcd: the ranks meet through etcd rendezvous keys.
+        let etcd_rendezvous = peers.is_empty() && etcd;
+        if etcd_rendezvous {
+            anyhow::ensure!(
+                self.group.as_deref().is_some_and(|g| !g.trim().is_empty()),
+                "--world-size {world_size} with --etcd-endpoints and no --group-peers: the ranks meet through etcd and need the same --group NAME on every rank (TANDEM_WORKER_GROUP)"
+            );
+        } else {
+            anyhow::ensure!(
+                peers.len() == world_size,
+                "--world-size {world_size} needs --group-peers with {world_size} HOST:PORT addresses (one per rank, rank order; TANDEM_WORKER_GROUP_PEERS or group_peers in the [worker] section), or --etcd-endpoints and --group to meet through etcd; got {} addresses",
+                peers.len()
+            );
+        }
         let peers = peers
             .iter()
             .map(|p| {
@@ -213,6 +223,7 @@ impl WorkerArgs {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut g = tandem_worker::GroupConfig::new(rank, world_size, peers);
+        g.etcd_rendezvous = etcd_rendezvous;
         if let Some(t) = self.group_connect_timeout {
             g.connect_timeout = t.0;
         }

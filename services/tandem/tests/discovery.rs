@@ -670,3 +670,79 @@ async fn up_with_etcd_runs_the_cluster_through_a_local_etcd() {
         up.output()
     );
 }
+
+/// A tensor-parallel group whose ranks meet through etcd (no --group-peers): it registers with
+/// its tp size and generates what a single-rank group does.
+#[tokio::test(flavor = "multi_thread")]
+async fn tp_ranks_meet_through_etcd_and_match_one_rank() {
+    // 6 heads / 6 KV heads: divides by 2.
+    let tiny = tiny_model(&TinyConfig {
+        hidden_size: 96,
+        intermediate_size: 192,
+        num_heads: 6,
+        num_kv_heads: 6,
+        ..TinyConfig::llama()
+    })
+    .unwrap();
+    let Some(env) = Env::start(tiny) else {
+        return;
+    };
+    let mut single = env.worker("tp1", &[]);
+    let router = env.router("router");
+    wait_replicas(router.addr, 1).await;
+    let prompts = ["hello", "tensor parallel groups", "1 2 3 4 5 6 7 8"];
+    let mut c = client(router.addr).await;
+    let mut want = Vec::new();
+    for p in prompts {
+        let o = c.generate(greedy(p)).await.unwrap().into_inner();
+        want.push(o.token_ids);
+    }
+
+    // Ranks started in reverse order: each waits in etcd for the others.
+    let _rank1 = env.worker(
+        "tp2 rank 1",
+        &["--rank", "1", "--world-size", "2", "--group", "tp2"],
+    );
+    let rank0 = env.worker(
+        "tp2 rank 0",
+        &["--rank", "0", "--world-size", "2", "--group", "tp2"],
+    );
+    wait_replicas(router.addr, 2).await;
+    let mut groups = env.groups().await;
+    until_view(
+        &mut groups,
+        "the tp2 group registered with tp_size 2",
+        |s| {
+            s.entries.iter().any(|(k, v)| {
+                k.ends_with("/tp2")
+                    && v.contains("\"tp_size\":2")
+                    && v.contains(&format!("\"leader\":\"http://{}\"", rank0.addr))
+            })
+        },
+    )
+    .await;
+    let keys = Keys::new(&env.cluster).unwrap();
+    let rendezvous = Registry::etcd(&env.etcd.endpoints())
+        .await
+        .unwrap()
+        .list(&keys.rendezvous("tp2"))
+        .await
+        .unwrap();
+    assert_eq!(rendezvous.len(), 2, "{rendezvous:?}");
+
+    // Only the tp2 group left: same greedy tokens.
+    single.proc.kill();
+    wait_replicas(router.addr, 1).await;
+    until_view(&mut groups, "the single group's key expired", |s| {
+        s.entries.len() == 1
+    })
+    .await;
+    for (p, w) in prompts.iter().zip(&want) {
+        let o = c.generate(greedy(p)).await.unwrap().into_inner();
+        assert_eq!(&o.token_ids, w, "{p}");
+    }
+}
+
+fn greedy(text: &str) -> GenerateRequest {
+    long_req(text, 24)
+}

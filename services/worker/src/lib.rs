@@ -128,6 +128,8 @@ pub(crate) struct Loaded {
     pub tokenizer_json: Result<String, String>,
     /// Ranks of the tensor-parallel group (1: no group).
     pub tp_size: usize,
+    /// This rank's rendezvous key in etcd, held while the group lives.
+    pub _rendezvous: Option<tandem_discovery::Rendezvous>,
 }
 
 #[derive(Debug, Clone)]
@@ -298,18 +300,19 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         max_context: cfg.max_context,
         ..Default::default()
     };
-    let (engine, tp_size) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
+    let (engine, tp_size, rendezvous) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
         Some(g) => {
-            let (model, comm) = group::join_group(cfg, g)?;
+            let joined = group::join_group(cfg, g)?;
             (
-                Engine::start_group(model, cfg.engine.clone(), comm),
+                Engine::start_group(joined.model, cfg.engine.clone(), joined.comm),
                 g.world_size,
+                joined.rendezvous,
             )
         }
         None => {
             let model = Model::load(&cfg.model, &opts)
                 .with_context(|| format!("loading the model {}", cfg.model.display()))?;
-            (Engine::start(model, cfg.engine.clone()), 1)
+            (Engine::start(model, cfg.engine.clone()), 1, None)
         }
     };
     let text = engine.text();
@@ -319,6 +322,7 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         tokenizer_json: text.tokenizer_json().map_err(|e| e.to_string()),
         engine,
         tp_size,
+        _rendezvous: rendezvous,
     };
     warm_up(&loaded.engine);
     Ok(loaded)
@@ -344,6 +348,23 @@ fn warm_up(engine: &Engine) {
     }
 }
 
+/// The `host:port` others dial for this process: `--advertise-address`, else the bound address
+/// (loopback when it is 0.0.0.0, with a warning).
+pub(crate) fn advertise_address(d: &WorkerDiscovery, bound: SocketAddr) -> String {
+    match &d.advertise {
+        Some(a) => a.trim().to_owned(),
+        None if bound.ip().is_unspecified() => {
+            // 0.0.0.0 is no address to dial; loopback only works on this machine.
+            let a = SocketAddr::from(([127, 0, 0, 1], bound.port())).to_string();
+            tracing::warn!(listen = %bound, advertise = %a,
+                "listening on all interfaces without --advertise-address: advertising \
+                 loopback, which only processes on this machine can reach");
+            a
+        }
+        None => bound.to_string(),
+    }
+}
+
 /// A leader's registration in etcd: made once the model is loaded (SERVING), removed before
 /// the drain (and when the group fails), so routers stop sending new work at once.
 struct Discovery {
@@ -360,18 +381,7 @@ impl Discovery {
         cfg: &WorkerConfig,
     ) -> anyhow::Result<Self> {
         let keys = tandem_discovery::Keys::new(&d.cluster)?;
-        let advertise = match &d.advertise {
-            Some(a) => a.trim().to_owned(),
-            None if bound.ip().is_unspecified() => {
-                // 0.0.0.0 is no address to dial; loopback only works on this machine.
-                let a = SocketAddr::from(([127, 0, 0, 1], bound.port())).to_string();
-                tracing::warn!(listen = %bound, advertise = %a,
-                    "listening on all interfaces without --advertise-address: advertising \
-                     loopback, which only routers on this machine can reach");
-                a
-            }
-            None => bound.to_string(),
-        };
+        let advertise = advertise_address(d, bound);
         anyhow::ensure!(
             !advertise.is_empty(),
             "--advertise-address is empty: pass the HOST:PORT routers should dial"
