@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 
 pub use membership::{Membership, MembershipStatus, RegistryMembership, StaticMembership};
 pub use routing::Policy;
+pub use service::GROUP_HEADER;
 pub use validate::{DEFAULT_MAX_NEW_TOKENS, MAX_ID_LEN};
 
 /// The public service's full name, for health and reflection.

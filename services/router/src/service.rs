@@ -30,6 +30,10 @@ use crate::pool::{Lease, ModelView, Pool, Snapshot};
 use crate::routing::RouteKey;
 use crate::validate::{self, effective_limit, RequestError, ValidRequest};
 
+/// Response metadata of `GenerateStream`: the shard endpoint of the group leader that took the
+/// request.
+pub const GROUP_HEADER: &str = "tandem-group-leader";
+
 /// Answer this long before the client's deadline, so the client receives DEADLINE_EXCEEDED
 /// from us rather than giving up on its own (tonic clients then report CANCELLED).
 const DEADLINE_MARGIN: Duration = Duration::from_millis(10);
@@ -418,7 +422,7 @@ impl Shared {
         req: GenerateRequest,
         deadline: Option<Instant>,
         mut tracker: Tracker,
-    ) -> Result<(String, ChunkStream), Status> {
+    ) -> Result<(String, String, ChunkStream), Status> {
         let size = prost::Message::encoded_len(&req);
         if size > self.cfg.max_message_bytes {
             let e = RequestError::invalid(
@@ -433,7 +437,11 @@ impl Shared {
             return Err(e.into());
         }
         match self.start(req, deadline, tracker.started).await {
-            Ok(p) => Ok((p.valid.model.name.clone(), self.clone().forward(p, tracker))),
+            Ok(p) => Ok((
+                p.valid.model.name.clone(),
+                p.first.lease.worker.url.clone(),
+                self.clone().forward(p, tracker),
+            )),
             Err(e) => {
                 tracker.finish(e.code());
                 Err(e.into())
@@ -622,7 +630,7 @@ impl Generation for GenerationService {
         let started = Instant::now();
         let deadline = deadline(&request, started, &self.shared.cfg);
         let tracker = Tracker::new(&self.shared, "Generate", started)?;
-        let (model, mut stream) = self
+        let (model, _, mut stream) = self
             .shared
             .generate(request.into_inner(), deadline, tracker)
             .await?;
@@ -655,11 +663,17 @@ impl Generation for GenerationService {
         let started = Instant::now();
         let deadline = deadline(&request, started, &self.shared.cfg);
         let tracker = Tracker::new(&self.shared, "GenerateStream", started)?;
-        let (_, stream) = self
+        let (_, leader, stream) = self
             .shared
             .generate(request.into_inner(), deadline, tracker)
             .await?;
-        Ok(Response::new(stream))
+        let mut response = Response::new(stream);
+        // Which group took the request (before any retry): for debugging and the routing
+        // benchmark's locality count.
+        if let Ok(v) = leader.parse() {
+            response.metadata_mut().insert(GROUP_HEADER, v);
+        }
+        Ok(response)
     }
 
     async fn tokenize(

@@ -2,6 +2,8 @@
 //! router (child processes), then sends the same greedy request straight to the worker (Shard
 //! API) and through the router (public API), alternating which goes first, one at a time, and
 //! reports time to first token and per-token latency of both with their difference.
+//!
+//! `tandem bench routing`: routing policies compared on one set of groups (see `routing.rs`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,6 +31,8 @@ pub struct BenchArgs {
 pub enum Bench {
     /// Latency through the router vs straight to the worker, same run, interleaved.
     RouterOverhead(OverheadArgs),
+    /// Routing policies on prompts that share prefixes: throughput and time to first token.
+    Routing(crate::bench_routing::RoutingArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +61,7 @@ pub struct OverheadArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Bench::RouterOverhead(a) => router_overhead(a).await,
+        Bench::Routing(a) => crate::bench_routing::run(a).await,
     }
 }
 
@@ -259,7 +264,7 @@ async fn via_router(
     clock.sample()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -267,7 +272,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -10,6 +10,7 @@
 //! TOML file given by `--config` / `TANDEM_CONFIG` (see `config.rs`), then defaults.
 
 mod bench;
+mod bench_routing;
 mod children;
 mod config;
 mod generate;

@@ -251,6 +251,8 @@ fn long_req(text: &str, n: u32) -> GenerateRequest {
 #[derive(Debug)]
 struct Outcome {
     tokens: usize,
+    /// The group leader that took it (the router's response header).
+    group: String,
     /// The error, if the stream failed.
     error: Option<tonic::Status>,
 }
@@ -258,40 +260,43 @@ struct Outcome {
 /// Streams `req` to its end.
 async fn stream(c: &mut GenerationClient<Channel>, req: GenerateRequest) -> Outcome {
     let want = req.stopping.as_ref().and_then(|s| s.max_new_tokens);
-    let mut tokens = 0;
+    let mut o = Outcome {
+        tokens: 0,
+        group: String::new(),
+        error: None,
+    };
     let mut s = match c.generate_stream(req).await {
-        Ok(s) => s.into_inner(),
+        Ok(s) => {
+            o.group = s
+                .metadata()
+                .get(tandem_router::GROUP_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            s.into_inner()
+        }
         Err(e) => {
-            return Outcome {
-                tokens,
-                error: Some(e),
-            }
+            o.error = Some(e);
+            return o;
         }
     };
     loop {
         match s.message().await {
             Ok(Some(chunk)) => {
-                tokens += chunk.token_ids.len();
+                o.tokens += chunk.token_ids.len();
                 if chunk.finish_reason != 0 {
                     assert_eq!(chunk.finish_reason, FinishReason::Length as i32);
-                    assert_eq!(Some(tokens as u32), want);
-                    return Outcome {
-                        tokens,
-                        error: None,
-                    };
+                    assert_eq!(Some(o.tokens as u32), want);
+                    return o;
                 }
             }
             Ok(None) => {
-                return Outcome {
-                    tokens,
-                    error: Some(tonic::Status::unknown("stream ended without a finish")),
-                }
+                o.error = Some(tonic::Status::unknown("stream ended without a finish"));
+                return o;
             }
             Err(e) => {
-                return Outcome {
-                    tokens,
-                    error: Some(e),
-                }
+                o.error = Some(e);
+                return o;
             }
         }
     }
