@@ -45,6 +45,9 @@ pub struct Worker {
     outstanding: AtomicU32,
     /// Prompt + remaining max_new_tokens of this router's requests there.
     outstanding_tokens: AtomicU64,
+    /// Prompt + generated tokens of this router's requests there: what the leader's
+    /// `Load.kv_tokens` holds for them.
+    cached_tokens: AtomicU64,
     /// Set when a request to it failed at the transport level; the next good poll clears it.
     failed: AtomicBool,
     /// Ejects it after repeated request failures, whatever its health says.
@@ -69,6 +72,7 @@ impl Worker {
             health: HealthClient::new(channel),
             outstanding: AtomicU32::new(0),
             outstanding_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             breaker: Breaker::default(),
         })
@@ -85,6 +89,8 @@ pub struct Lease {
     metrics: RouterMetrics,
     /// Tokens still counted against the worker.
     tokens: u64,
+    /// Prompt + generated so far, counted in the worker's `cached_tokens`.
+    cached: u64,
     /// This request is the worker's circuit-breaker probe.
     probe: bool,
     /// Success or failure was recorded with the breaker.
@@ -92,12 +98,14 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Claims `worker` for a request of `tokens` (prompt + max_new_tokens).
-    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics, tokens: u64) -> Self {
+    /// Claims `worker` for a request of `prompt` tokens and up to `max_new` more.
+    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics, prompt: u64, max_new: u64) -> Self {
+        let tokens = prompt + max_new;
         worker.outstanding.fetch_add(1, Ordering::Relaxed);
         worker
             .outstanding_tokens
             .fetch_add(tokens, Ordering::Relaxed);
+        worker.cached_tokens.fetch_add(prompt, Ordering::Relaxed);
         let probe = worker.breaker.picked(Instant::now());
         let labels = metrics.worker(&worker.url);
         metrics.worker_outstanding.get_or_create(&labels).inc();
@@ -106,6 +114,7 @@ impl Lease {
             worker,
             metrics: metrics.clone(),
             tokens,
+            cached: prompt,
             probe,
             resolved: false,
         }
@@ -113,6 +122,8 @@ impl Lease {
 
     /// `n` tokens were generated: that much less work is left there.
     pub fn progress(&mut self, n: u64) {
+        self.cached += n;
+        self.worker.cached_tokens.fetch_add(n, Ordering::Relaxed);
         let n = n.min(self.tokens);
         self.tokens -= n;
         self.worker
@@ -157,6 +168,9 @@ impl Drop for Lease {
         self.worker
             .outstanding_tokens
             .fetch_sub(self.tokens, Ordering::Relaxed);
+        self.worker
+            .cached_tokens
+            .fetch_sub(self.cached, Ordering::Relaxed);
         self.worker.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.metrics
             .worker_outstanding
@@ -188,6 +202,17 @@ pub struct WorkerView {
     pub load: LoadResponse,
     /// The last poll succeeded and its tokenizer is known and matches its model's.
     pub polled_ok: bool,
+    /// Load at the last poll that was not ours (other routers'): `Load` minus what this router
+    /// had there at that moment. Our own share is counted live instead, so a request that just
+    /// finished stops counting at once rather than at the next poll.
+    pub others: OthersLoad,
+}
+
+/// See [`WorkerView::others`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OthersLoad {
+    pub requests: u64,
+    pub tokens: u64,
 }
 
 impl WorkerView {
@@ -197,21 +222,15 @@ impl WorkerView {
             && self.worker.breaker.available(Instant::now())
     }
 
-    /// Outstanding tokens: the larger of our own count and the leader's cached tokens (which
-    /// include other routers' requests; taking the sum would count ours twice).
+    /// Outstanding tokens: ours now (prompt + remaining max_new_tokens) plus other routers'
+    /// cached tokens at the last poll.
     fn tokens(&self) -> u64 {
-        self.worker
-            .outstanding_tokens
-            .load(Ordering::Relaxed)
-            .max(self.load.kv_tokens)
+        self.worker.outstanding_tokens.load(Ordering::Relaxed) + self.others.tokens
     }
 
-    /// Requests ahead of a new one: ours in flight plus the worker's own count (which includes
-    /// other routers' requests) at the last poll.
+    /// Requests ahead of a new one: ours in flight now plus other routers' at the last poll.
     fn score(&self) -> u64 {
-        u64::from(self.worker.outstanding())
-            + u64::from(self.load.running)
-            + u64::from(self.load.waiting)
+        u64::from(self.worker.outstanding()) + self.others.requests
     }
 
     fn has_room(&self) -> bool {
@@ -320,6 +339,8 @@ pub struct Poller {
 struct PollResult {
     info: InfoResponse,
     load: LoadResponse,
+    /// Not ours, at the moment `Load` answered.
+    others: OthersLoad,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -450,7 +471,7 @@ impl Poller {
         // Per model, over its usable workers: the strictest limits and the replica count.
         let mut limits: HashMap<String, ModelLimits> = HashMap::new();
         for (worker, result) in workers.iter().zip(results) {
-            let (model, load, error) = match result {
+            let (model, load, others, error) = match result {
                 Ok(r) => {
                     let name = model_name(&r.info);
                     let error = match self.texts.get(&name) {
@@ -477,7 +498,7 @@ impl Poller {
                         worker.failed.store(false, Ordering::Relaxed);
                         limits.entry(name.clone()).or_default().add(&r.info);
                     }
-                    (Some(name), r.load, error)
+                    (Some(name), r.load, r.others, error)
                 }
                 Err(e) => {
                     let slow = self.slow_polls.entry(worker.url.clone()).or_default();
@@ -490,9 +511,14 @@ impl Poller {
                         // not a failure yet: keep it on its last known state for one round.
                         Some(v) if e == POLL_TIMED_OUT && *slow < 2 => {
                             tracing::debug!(worker = %worker.url, "slow poll; keeping the last state");
-                            (v.model.clone(), v.load, None)
+                            (v.model.clone(), v.load, v.others, None)
                         }
-                        _ => (None, LoadResponse::default(), Some(e)),
+                        _ => (
+                            None,
+                            LoadResponse::default(),
+                            OthersLoad::default(),
+                            Some(e),
+                        ),
                     }
                 }
             };
@@ -501,6 +527,7 @@ impl Poller {
                 model,
                 load,
                 polled_ok: error.is_none(),
+                others,
             };
             self.log_transition(&worker.url, view.usable(), error.as_deref());
             self.metrics
@@ -701,7 +728,14 @@ async fn poll_worker(w: Arc<Worker>) -> Result<PollResult, String> {
             .await
             .map_err(|s| format!("Load: {}: {}", s.code(), s.message()))?
             .into_inner();
-        Ok(PollResult { info, load })
+        let ours_requests = u64::from(w.outstanding());
+        let ours_tokens = w.cached_tokens.load(Ordering::Relaxed);
+        let others = OthersLoad {
+            requests: (u64::from(load.running) + u64::from(load.waiting))
+                .saturating_sub(ours_requests),
+            tokens: load.kv_tokens.saturating_sub(ours_tokens),
+        };
+        Ok(PollResult { info, load, others })
     };
     tokio::time::timeout(POLL_TIMEOUT, answer)
         .await
@@ -736,7 +770,8 @@ async fn fetch_text(w: &Worker) -> Result<TextModel, String> {
 mod tests {
     use super::*;
 
-    /// A worker whose last `Load` said `running` sequences of 100 cached tokens each.
+    /// A worker whose last `Load` said `running` sequences (of 100 cached tokens each) and
+    /// `waiting` requests, none of them this router's.
     fn view(url: &str, model: &str, running: u32, waiting: u32, max_waiting: u32) -> WorkerView {
         WorkerView {
             worker: Arc::new(Worker::new(url, 1 << 20).unwrap()),
@@ -749,6 +784,10 @@ mod tests {
                 ..Default::default()
             },
             polled_ok: true,
+            others: OthersLoad {
+                requests: u64::from(running + waiting),
+                tokens: u64::from(running) * 100,
+            },
         }
     }
 
@@ -788,24 +827,21 @@ mod tests {
             ],
         );
         assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
-        // Our own outstanding tokens count too (b: 450 of ours > a's 300 cached).
+        // Our own outstanding tokens count too (b: 100 + 3 x 80 of ours > a's 300).
         let mut leases: Vec<Lease> = (0..3)
-            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics(), 150))
+            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics(), 30, 50))
             .collect();
         assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://a:1");
-        // Generated tokens are work done.
+        // Generated tokens are work done (b: 100 + 3 x 30 < 300).
         for l in &mut leases {
-            l.progress(100);
+            l.progress(50);
         }
         assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
+        let b = snap.workers[1].worker.clone();
+        assert_eq!(b.cached_tokens.load(Ordering::Relaxed), 3 * 80);
         drop(leases);
-        assert_eq!(
-            snap.workers[1]
-                .worker
-                .outstanding_tokens
-                .load(Ordering::Relaxed),
-            0
-        );
+        assert_eq!(b.outstanding_tokens.load(Ordering::Relaxed), 0);
+        assert_eq!(b.cached_tokens.load(Ordering::Relaxed), 0);
         assert_eq!(
             url(pool.pick(&snap, "m", &["http://b:1".into()], any())),
             "http://a:1"
@@ -862,7 +898,7 @@ mod tests {
         );
         let a = snap.workers[0].worker.clone();
         for _ in 0..routing::BREAKER_THRESHOLD {
-            Lease::new(a.clone(), &test_metrics(), 1).failed();
+            Lease::new(a.clone(), &test_metrics(), 1, 1).failed();
         }
         // Its health is fine (polled_ok), but it is out of rotation.
         for _ in 0..4 {
@@ -892,7 +928,7 @@ mod tests {
             .map(|v| {
                 let mut v = v.clone();
                 if v.worker.url == first {
-                    v.load.running = 5;
+                    v.others.requests = 5;
                 }
                 v
             })

@@ -289,8 +289,8 @@ impl Shared {
         retries: &mut u32,
     ) -> Result<Attempt, RequestError> {
         let mut last: Option<RequestError> = None;
-        let cost = valid.prompt.len() as u64
-            + u64::from(valid.stopping.max_new_tokens.unwrap_or_default());
+        let prompt_tokens = valid.prompt.len() as u64;
+        let max_new = u64::from(valid.stopping.max_new_tokens.unwrap_or_default());
         loop {
             let snap = self.pool.snapshot();
             let Some(worker) = self.pool.pick(&snap, &valid.model.name, tried, key) else {
@@ -302,7 +302,7 @@ impl Shared {
                 }));
             };
             tried.push(worker.url.clone());
-            let mut lease = Lease::new(worker.clone(), &self.metrics, cost);
+            let mut lease = Lease::new(worker.clone(), &self.metrics, prompt_tokens, max_new);
             let mut req = Request::new(Self::upstream_request(valid));
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());

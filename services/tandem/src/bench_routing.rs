@@ -5,15 +5,15 @@
 //! (child processes), then runs the workload through each router in turn, `--rounds` times,
 //! rotating the order, so every policy sees the same machine state on average. Per policy:
 //! completed requests per second, generated tokens per second, p50/p99 time to first token,
-//! errors, how the requests spread over the groups, and how many groups each system prompt
-//! reached on average (1.0 = perfect prefix locality), from the router's `tandem-group-leader`
-//! response header.
+//! errors, how the requests spread over the groups, and prefix locality from the router's
+//! `tandem-group-leader` response header: how many groups each system prompt reached on
+//! average, and the share of its requests that went to its most-used group (1.0 = all).
 //!
 //! What it measures: routing behaviour (spread, queueing, locality). Tandem's workers do not
 //! cache KV across requests yet, so a prefix landing on the group that served it before saves
 //! nothing today; the locality column shows what a prefix cache would be able to reuse.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -389,8 +389,8 @@ fn report(
         args.rounds
     );
     println!(
-        "{:<14}{:>10}{:>10}{:>12}{:>12}{:>8}{:>16}  requests per group",
-        "policy", "req/s", "tok/s", "TTFT p50", "TTFT p99", "errors", "groups/prefix"
+        "{:<14}{:>8}{:>8}{:>11}{:>11}{:>8}{:>15}{:>12}  requests per group",
+        "policy", "req/s", "tok/s", "TTFT p50", "TTFT p99", "errors", "groups/prefix", "home share"
     );
     for (name, _) in routers {
         let Some(t) = totals.get(name) else { continue };
@@ -401,32 +401,78 @@ fn report(
         let mut ttft: Vec<Duration> = ok.iter().filter_map(|d| d.ttft).collect();
         ttft.sort();
         let mut per_group: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut per_system: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
+        let mut per_system: BTreeMap<usize, BTreeMap<&str, usize>> = BTreeMap::new();
         for d in &ok {
             *per_group.entry(d.group.as_str()).or_default() += 1;
-            per_system
+            *per_system
                 .entry(d.system)
                 .or_default()
-                .insert(d.group.as_str());
+                .entry(d.group.as_str())
+                .or_default() += 1;
         }
+        // Share of each prefix's requests on its most-used group, averaged over prefixes.
+        let home_share = per_system
+            .values()
+            .map(|g| {
+                let total: usize = g.values().sum();
+                g.values().max().copied().unwrap_or(0) as f64 / total.max(1) as f64
+            })
+            .sum::<f64>()
+            / per_system.len().max(1) as f64;
         let spread: Vec<String> = per_group.values().map(|v| v.to_string()).collect();
         let locality = format!(
             "{:.2}",
-            per_system.values().map(BTreeSet::len).sum::<usize>() as f64
+            per_system.values().map(BTreeMap::len).sum::<usize>() as f64
                 / per_system.len().max(1) as f64
         );
         println!(
-            "{name:<14}{:>10.2}{:>10.1}{:>10.0}ms{:>10.0}ms{:>8}{:>16}  {}",
+            "{name:<14}{:>8.2}{:>8.1}{:>9.0}ms{:>9.0}ms{:>8}{:>15}{:>12.2}  {}",
             ok.len() as f64 / secs,
             tokens as f64 / secs,
             ms(percentile(&ttft, 0.5)),
             ms(percentile(&ttft, 0.99)),
             errors,
             locality,
+            home_share,
             spread.join(" / ")
         );
         if let Some(e) = t.done.iter().find_map(|d| d.error.as_deref()) {
             println!("  first error: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_is_every_prompt_times_every_question_interleaved() {
+        let args = RoutingArgs {
+            model: PathBuf::from("m"),
+            groups: 3,
+            policies: vec![],
+            system_prompts: 8,
+            questions: 5,
+            concurrency: 1,
+            max_new_tokens: 1,
+            rounds: 1,
+            quant: None,
+            ready_timeout: Dur(Duration::from_secs(1)),
+        };
+        let jobs = workload(&args);
+        assert_eq!(jobs.len(), 40);
+        for s in 0..8 {
+            assert_eq!(jobs.iter().filter(|j| j.system == s).count(), 5);
+        }
+        // Shuffled: not grouped by system prompt.
+        let runs = jobs
+            .windows(2)
+            .filter(|w| w[0].system != w[1].system)
+            .count();
+        assert!(runs > 20, "{runs}");
+        // The same order every time.
+        let again: Vec<usize> = workload(&args).iter().map(|j| j.system).collect();
+        assert_eq!(again, jobs.iter().map(|j| j.system).collect::<Vec<_>>());
     }
 }
