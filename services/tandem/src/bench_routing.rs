@@ -57,6 +57,10 @@ pub struct RoutingArgs {
     /// Tokens generated per request (EOS ignored).
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: u32,
+    /// Vary the generated length: question q asks for 1/4, 1/2, 1 or 4 times
+    /// --max-new-tokens (q mod 4), so requests differ in cost as real traffic does.
+    #[arg(long)]
+    pub mixed_lengths: bool,
     /// Times the whole workload runs per policy (order rotated each round).
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
@@ -236,6 +240,12 @@ fn workload(args: &RoutingArgs) -> Vec<Job> {
              not about {topic}, steer the conversation back to {topic} politely."
         );
         for q in 0..args.questions {
+            let max_new_tokens = if args.mixed_lengths {
+                let n = args.max_new_tokens;
+                [(n / 4).max(1), (n / 2).max(1), n, n.saturating_mul(4)][q % 4]
+            } else {
+                args.max_new_tokens
+            };
             let messages = vec![
                 ChatMessage {
                     role: "system".into(),
@@ -257,7 +267,7 @@ fn workload(args: &RoutingArgs) -> Vec<Job> {
                         ..Default::default()
                     }),
                     stopping: Some(StoppingCriteria {
-                        max_new_tokens: Some(args.max_new_tokens),
+                        max_new_tokens: Some(max_new_tokens),
                         ignore_eos: true,
                         ..Default::default()
                     }),
@@ -378,7 +388,7 @@ fn report(
     totals: &BTreeMap<String, Totals>,
 ) {
     println!(
-        "routing: {} on {} group(s), {} requests per run ({} system prompts x {} questions), concurrency {}, {} new tokens, {} round(s) per policy",
+        "routing: {} on {} group(s), {} requests per run ({} system prompts x {} questions), concurrency {}, {} new tokens{}, {} round(s) per policy",
         args.model.display(),
         args.groups,
         per_run,
@@ -386,6 +396,11 @@ fn report(
         args.questions,
         args.concurrency,
         args.max_new_tokens,
+        if args.mixed_lengths {
+            " (mixed: x1/4, x1/2, x1, x4)"
+        } else {
+            ""
+        },
         args.rounds
     );
     println!(
@@ -456,6 +471,7 @@ mod tests {
             questions: 5,
             concurrency: 1,
             max_new_tokens: 1,
+            mixed_lengths: false,
             rounds: 1,
             quant: None,
             ready_timeout: Dur(Duration::from_secs(1)),
