@@ -730,11 +730,17 @@ async fn poll_worker(w: Arc<Worker>) -> Result<PollResult, String> {
             .into_inner();
         let ours_requests = u64::from(w.outstanding());
         let ours_tokens = w.cached_tokens.load(Ordering::Relaxed);
-        let others = OthersLoad {
-            requests: (u64::from(load.running) + u64::from(load.waiting))
-                .saturating_sub(ours_requests),
-            tokens: load.kv_tokens.saturating_sub(ours_tokens),
+        let requests =
+            (u64::from(load.running) + u64::from(load.waiting)).saturating_sub(ours_requests);
+        // Only when the leader holds sequences beyond ours are there others' tokens: with one
+        // router, a request of ours that ended between the leader's answer and this read would
+        // otherwise count as someone else's until the next poll.
+        let tokens = if requests > 0 {
+            load.kv_tokens.saturating_sub(ours_tokens)
+        } else {
+            0
         };
+        let others = OthersLoad { requests, tokens };
         Ok(PollResult { info, load, others })
     };
     tokio::time::timeout(POLL_TIMEOUT, answer)
