@@ -114,6 +114,38 @@ pub enum Quant {
     Dequantized,
 }
 
+/// Default speculation of a worker (`--speculation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpeculationArg {
+    /// Plain decoding unless a request asks.
+    Off,
+    /// Prompt lookup (model-free): proposes what followed earlier occurrences of the last tokens.
+    Ngram,
+    /// The paired draft service (--draft-endpoint).
+    DraftModel,
+}
+
+impl From<SpeculationArg> for tandem_engine::SpecMode {
+    fn from(s: SpeculationArg) -> Self {
+        match s {
+            SpeculationArg::Off => Self::Off,
+            SpeculationArg::Ngram => Self::Ngram,
+            SpeculationArg::DraftModel => Self::DraftModel,
+        }
+    }
+}
+
+/// How draft lengths are chosen (`--draft-length`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DraftLength {
+    /// The cost model picks per step from measured costs and acceptance (none when none pays).
+    Adaptive,
+    /// Always the most allowed (as fixed-k implementations do); for comparison.
+    Fixed,
+}
+
 impl From<Quant> for tandem_model::QuantMode {
     fn from(q: Quant) -> Self {
         match q {

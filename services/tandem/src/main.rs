@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{layer, Dur, FileConfig, Quant};
+use crate::config::{layer, DraftLength, Dur, FileConfig, Quant, SpeculationArg};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -123,6 +123,28 @@ pub struct WorkerArgs {
     /// Once loaded, how long a silent rank may stall a step before the group fails [default: 10s].
     #[arg(long, env = "TANDEM_WORKER_GROUP_IO_TIMEOUT")]
     pub group_io_timeout: Option<Dur>,
+    /// Draft service to pair with for speculative decoding (http://host:port; the leader calls
+    /// it). Its tokenizer must be this model's [default: none].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_ENDPOINT")]
+    pub draft_endpoint: Option<String>,
+    /// Deadline of one draft call; past it the step decodes without drafts [default: 1500ms].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_TIMEOUT")]
+    pub draft_timeout: Option<Dur>,
+    /// The draft stops drafting a sequence when its top probability falls below this
+    /// [default: 0.3].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_MIN_CONFIDENCE")]
+    pub draft_min_confidence: Option<f32>,
+    /// Speculation for requests that leave it to the server [default: draft-model with
+    /// --draft-endpoint, else off].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_SPECULATION")]
+    pub speculation: Option<SpeculationArg>,
+    /// Most drafted tokens per sequence per step when a request leaves it unset [default: 8].
+    #[arg(long, env = "TANDEM_WORKER_MAX_DRAFT_TOKENS")]
+    pub max_draft_tokens: Option<usize>,
+    /// Draft length: `adaptive` (the cost model picks it from measured costs and acceptance,
+    /// down to none) or `fixed` (always the most allowed, for comparison) [default: adaptive].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_DRAFT_LENGTH")]
+    pub draft_length: Option<DraftLength>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -153,6 +175,12 @@ impl WorkerArgs {
                 group_peers,
                 group_connect_timeout,
                 group_io_timeout,
+                draft_endpoint,
+                draft_timeout,
+                draft_min_confidence,
+                speculation,
+                max_draft_tokens,
+                draft_length,
             ]
         );
     }
@@ -233,6 +261,36 @@ impl WorkerArgs {
             cfg.drain_grace = v.0;
         }
         cfg.group = group;
+        if let Some(endpoint) = self.draft_endpoint.filter(|e| !e.trim().is_empty()) {
+            let mut d = tandem_worker::DraftClientConfig::new(endpoint.trim());
+            if let Some(t) = self.draft_timeout {
+                anyhow::ensure!(!t.0.is_zero(), "draft_timeout must be above 0");
+                d.timeout = t.0;
+            }
+            if let Some(c) = self.draft_min_confidence {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&c),
+                    "draft_min_confidence must be in [0, 1], got {c}"
+                );
+                d.min_confidence = c;
+            }
+            cfg.draft = Some(d);
+            cfg.engine.default_speculation = tandem_engine::SpecMode::DraftModel;
+        }
+        if let Some(s) = self.speculation {
+            cfg.engine.default_speculation = s.into();
+        }
+        if let Some(k) = self.max_draft_tokens {
+            let max = tandem_engine::speculate::MAX_DRAFT_TOKENS;
+            anyhow::ensure!(
+                (1..=max).contains(&k),
+                "max_draft_tokens must be in 1..={max}, got {k}"
+            );
+            cfg.engine.max_draft_tokens = k;
+        }
+        if let Some(l) = self.draft_length {
+            cfg.engine.adaptive_draft = l == DraftLength::Adaptive;
+        }
         Ok(cfg)
     }
 }

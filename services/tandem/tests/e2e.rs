@@ -11,9 +11,9 @@ use tandem_proto::shard::v1::shard_client::ShardClient;
 use tandem_proto::shard::v1::{LoadRequest, LoadResponse};
 use tandem_proto::v1::generation_client::GenerationClient;
 use tandem_proto::v1::{
-    generate_request, tokenize_request, ChatMessage, ChatMessages, FinishReason, GenerateRequest,
-    GenerateResponse, ListModelsRequest, SamplingParameters, StoppingCriteria, TokenIds,
-    TokenizeRequest,
+    generate_request, speculation, tokenize_request, ChatMessage, ChatMessages, FinishReason,
+    GenerateRequest, GenerateResponse, ListModelsRequest, SamplingParameters, Speculation,
+    StoppingCriteria, TokenIds, TokenizeRequest,
 };
 use tandem_testkit::{tiny_model, TinyConfig, TinyModel};
 use tonic::transport::Channel;
@@ -584,6 +584,30 @@ async fn bad_inputs_are_invalid_argument_while_good_requests_stream() {
             },
             "chat",
         ),
+        (
+            "unknown speculation mode",
+            {
+                let mut r = base();
+                r.speculation = Some(Speculation {
+                    mode: 42,
+                    max_draft_tokens: 0,
+                });
+                r
+            },
+            "speculation.mode",
+        ),
+        (
+            "max_draft_tokens over limit",
+            {
+                let mut r = base();
+                r.speculation = Some(Speculation {
+                    mode: speculation::Mode::Ngram as i32,
+                    max_draft_tokens: 17,
+                });
+                r
+            },
+            "speculation.max_draft_tokens",
+        ),
     ];
     let mut unknown_model = base();
     unknown_model.model = "no-such-model".into();
@@ -1007,4 +1031,64 @@ async fn full_queues_are_resource_exhausted_after_trying_every_worker() {
             }
         }
     }
+}
+
+/// Speculation over the public API: the n-gram drafter on a repetitive prompt gives the same
+/// greedy tokens as plain decoding, and usage reports the accepted drafted tokens; the worker's
+/// metrics count drafts per position.
+#[tokio::test(flavor = "multi_thread")]
+async fn ngram_speculation_over_the_api_keeps_greedy_output() {
+    let tiny = tiny_model(&TinyConfig::qwen2()).unwrap();
+    // Fixed draft length: on a tiny model timing noise could make the cost model skip drafts,
+    // and this test is about what the API does with them.
+    let cluster = Cluster::start_with(&tiny.dir, 1, &["--draft-length", "fixed"]).await;
+    let mut c = cluster.client().await;
+    let prompt: Vec<u32> = [5u32, 9, 14, 20, 27]
+        .iter()
+        .copied()
+        .cycle()
+        .take(40)
+        .collect();
+    let req = |mode: speculation::Mode| GenerateRequest {
+        input: Some(generate_request::Input::TokenIds(TokenIds {
+            ids: prompt.clone(),
+        })),
+        stopping: Some(StoppingCriteria {
+            max_new_tokens: Some(48),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        speculation: Some(Speculation {
+            mode: mode as i32,
+            max_draft_tokens: 6,
+        }),
+        ..Default::default()
+    };
+    let plain = c
+        .generate(req(speculation::Mode::Off))
+        .await
+        .unwrap()
+        .into_inner();
+    let spec = c
+        .generate(req(speculation::Mode::Ngram))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(spec.token_ids, plain.token_ids);
+    assert_eq!(spec.text, plain.text);
+    let usage = spec.usage.unwrap();
+    assert!(usage.accepted_draft_tokens > 0, "{usage:?}");
+    assert_eq!(plain.usage.unwrap().accepted_draft_tokens, 0);
+    let streamed = stream_all(&mut c, req(speculation::Mode::Ngram))
+        .await
+        .unwrap();
+    assert_eq!(streamed.token_ids, plain.token_ids);
+    let m = scrape(cluster.worker_metrics[0]).await;
+    let first = sample(
+        &m,
+        "tandem_worker_spec_accepted_at_position",
+        "position=\"0\"",
+    )
+    .unwrap_or_default();
+    assert!(first > 0.0, "{m}");
 }

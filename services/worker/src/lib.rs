@@ -11,6 +11,7 @@
 //! and follow rank 0. A leader whose group broke reports NOT_SERVING and refuses work with
 //! UNAVAILABLE until restarted.
 
+pub mod draft_client;
 mod group;
 mod metrics;
 mod request;
@@ -23,7 +24,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tandem_engine::{Engine, EngineConfig, Request, SamplingParams, StopCriteria};
+use tandem_engine::draft::Drafter;
+use tandem_engine::{Engine, EngineConfig, EngineParts, Request, SamplingParams, StopCriteria};
 use tandem_model::{LoadOptions, Model, QuantMode};
 use tandem_proto::shard::v1::shard_server::{ShardServer, SERVICE_NAME as SHARD_SERVICE};
 use tandem_runtime::{
@@ -39,6 +41,7 @@ use tonic::transport::Server;
 pub use group::{GroupConfig, LOAD_BARRIER_TIMEOUT};
 pub use request::{GenerateError, DEFAULT_MAX_NEW_TOKENS};
 
+pub use crate::draft_client::{DraftClientConfig, DraftClientStats, RemoteDrafter};
 use crate::metrics::WorkerMetrics;
 use crate::service::{ShardService, Shared};
 
@@ -74,6 +77,8 @@ pub struct WorkerConfig {
     /// A tensor-parallel group this process is one rank of; `None` (or world size 1): the whole
     /// model in this process.
     pub group: Option<GroupConfig>,
+    /// A draft service to pair with (speculative decoding); only the group leader uses it.
+    pub draft: Option<DraftClientConfig>,
 }
 
 impl WorkerConfig {
@@ -91,6 +96,7 @@ impl WorkerConfig {
             max_concurrent_streams: 1024,
             drain_grace: Duration::from_secs(30),
             group: None,
+            draft: None,
         }
     }
 
@@ -114,6 +120,8 @@ pub(crate) struct Loaded {
     pub tokenizer_json: Result<String, String>,
     /// Ranks of the tensor-parallel group (1: no group).
     pub tp_size: usize,
+    /// The paired draft service's client counters, when one is configured.
+    pub draft_stats: Option<Arc<DraftClientStats>>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,20 +287,39 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         max_context: cfg.max_context,
         ..Default::default()
     };
-    let (engine, tp_size) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
+    let (model, comm, tp_size) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
         Some(g) => {
             let (model, comm) = group::join_group(cfg, g)?;
-            (
-                Engine::start_group(model, cfg.engine.clone(), comm),
-                g.world_size,
-            )
+            (model, Some(comm), g.world_size)
         }
         None => {
             let model = Model::load(&cfg.model, &opts)
                 .with_context(|| format!("loading the model {}", cfg.model.display()))?;
-            (Engine::start(model, cfg.engine.clone()), 1)
+            (model, None, 1)
         }
     };
+    let (draft_model, draft_stats) = match &cfg.draft {
+        Some(d) => {
+            let stats = Arc::new(DraftClientStats::default());
+            let mut drafter =
+                RemoteDrafter::new(d.clone(), model.text.vocab_hash(), stats.clone())?;
+            // A draft with another tokenizer is refused here, loudly; one that is not up yet
+            // is paired when it comes up.
+            if !drafter.pair_now()? {
+                tracing::warn!(endpoint = %d.endpoint, "draft service not reachable yet; decoding without it until it is");
+            }
+            (Some(Box::new(drafter) as Box<dyn Drafter>), Some(stats))
+        }
+        None => (None, None),
+    };
+    let engine = Engine::start_with(
+        model,
+        cfg.engine.clone(),
+        EngineParts {
+            group: comm,
+            draft_model,
+        },
+    );
     let text = engine.text();
     let loaded = Loaded {
         model_name: cfg.resolved_model_name(),
@@ -300,6 +327,7 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         tokenizer_json: text.tokenizer_json().map_err(|e| e.to_string()),
         engine,
         tp_size,
+        draft_stats,
     };
     warm_up(&loaded.engine);
     Ok(loaded)
