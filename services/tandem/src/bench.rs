@@ -29,6 +29,9 @@ pub struct BenchArgs {
 pub enum Bench {
     /// Latency through the router vs straight to the worker, same run, interleaved.
     RouterOverhead(OverheadArgs),
+    /// Decode speed with and without speculative decoding (draft model service, n-gram), same
+    /// prompts, same run.
+    Speculation(crate::bench_spec::SpecArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +60,7 @@ pub struct OverheadArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Bench::RouterOverhead(a) => router_overhead(a).await,
+        Bench::Speculation(a) => crate::bench_spec::run(a).await,
     }
 }
 

@@ -33,6 +33,16 @@ impl Children {
 
     /// Starts `tandem <args>` as a child named `name` (for messages).
     pub fn spawn(&mut self, name: &str, args: &[String]) -> anyhow::Result<u32> {
+        self.spawn_with_env(name, args, &[])
+    }
+
+    /// `spawn` with extra environment variables for this child only.
+    pub fn spawn_with_env(
+        &mut self,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
         let exe = std::env::current_exe().context("locating the tandem executable")?;
         let mut cmd = Command::new(&exe);
         cmd.args(args)
@@ -49,6 +59,7 @@ impl Children {
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {name}: {} {}", exe.display(), args.join(" ")))?;

@@ -10,6 +10,7 @@
 //! TOML file given by `--config` / `TANDEM_CONFIG` (see `config.rs`), then defaults.
 
 mod bench;
+mod bench_spec;
 mod children;
 mod config;
 mod generate;
@@ -428,6 +429,15 @@ pub struct UpArgs {
     /// On shutdown, how long children get before they are killed [default: 10s].
     #[arg(long, env = "TANDEM_UP_GRACE")]
     pub grace: Option<Dur>,
+    /// Draft model for speculative decoding, run as its own service and paired with every
+    /// group's leader; it must share the target's tokenizer [default: Qwen2.5-Coder-0.5B-Instruct
+    /// GGUF (fetched on first use) with the default target, none with another --model].
+    #[arg(long, env = "TANDEM_UP_DRAFT_MODEL")]
+    pub draft_model: Option<PathBuf>,
+    /// Run without a draft service (plain decoding unless requests ask for n-gram speculation).
+    #[arg(long, env = "TANDEM_UP_NO_DRAFT")]
+    #[serde(default)]
+    pub no_draft: bool,
 }
 
 impl UpArgs {
@@ -448,8 +458,10 @@ impl UpArgs {
                 max_waiting,
                 ready_timeout,
                 grace,
+                draft_model,
             ]
         );
+        self.no_draft |= file.no_draft;
     }
 }
 
