@@ -9,7 +9,7 @@
 //! last drafted token is not run through the model, so the KV holds context + all drafts but the
 //! last, and `held` says so.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -233,13 +233,91 @@ impl DraftCore {
     ) -> Result<ProposeResponse, DraftError> {
         self.last = CallStats::default();
         let plans = self.parse(req)?;
+        let mut stats = CallStats::default();
+        let result = self.execute(&plans, now, &mut stats);
+        self.last = stats;
+        result.map(|sequences| ProposeResponse { sequences })
+    }
+
+    /// Several calls at once (concurrent callers), answered in order. Each is validated on its
+    /// own; consecutive valid calls whose sequences don't overlap and fit in `max_sequences`
+    /// together share their forwards. A forward error fails every call of its batch.
+    pub fn propose_many(
+        &mut self,
+        reqs: &[&ProposeRequest],
+        now: Instant,
+    ) -> Vec<Result<ProposeResponse, DraftError>> {
+        struct Batch<'a> {
+            /// (request index, sequences) of each member, in order.
+            members: Vec<(usize, usize)>,
+            plans: Vec<Plan<'a>>,
+            ids: HashSet<u64>,
+        }
+        self.last = CallStats::default();
+        let mut results: Vec<Option<Result<ProposeResponse, DraftError>>> =
+            reqs.iter().map(|_| None).collect();
+        let mut batches: Vec<Batch<'_>> = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            let plans = match self.parse(req) {
+                Ok(p) => p,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            let joins = batches.last().is_some_and(|b| {
+                b.plans.len() + plans.len() <= self.cfg.max_sequences
+                    && plans.iter().all(|p| !b.ids.contains(&p.id))
+            });
+            if !joins {
+                batches.push(Batch {
+                    members: Vec::new(),
+                    plans: Vec::new(),
+                    ids: HashSet::new(),
+                });
+            }
+            if let Some(b) = batches.last_mut() {
+                b.members.push((i, plans.len()));
+                b.ids.extend(plans.iter().map(|p| p.id));
+                b.plans.extend(plans);
+            }
+        }
+        let mut stats = CallStats::default();
+        for b in batches {
+            match self.execute(&b.plans, now, &mut stats) {
+                Ok(drafts) => {
+                    let mut drafts = drafts.into_iter();
+                    for (i, n) in b.members {
+                        results[i] = Some(Ok(ProposeResponse {
+                            sequences: drafts.by_ref().take(n).collect(),
+                        }));
+                    }
+                }
+                Err(e) => {
+                    for (i, _) in b.members {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        self.last = stats;
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(DraftError::Stopped)))
+            .collect()
+    }
+
+    /// Runs validated sequences: evictions, rollbacks, forwards. Adds to `stats`.
+    fn execute(
+        &mut self,
+        plans: &[Plan<'_>],
+        now: Instant,
+        stats: &mut CallStats,
+    ) -> Result<Vec<SequenceDraft>, DraftError> {
         self.calls += 1;
-        let mut stats = CallStats {
-            sequences: plans.len(),
-            evicted: self.evict_idle(now),
-            ..CallStats::default()
-        };
-        stats.evicted += self.make_room(&plans);
+        stats.sequences += plans.len();
+        stats.evicted += self.evict_idle(now);
+        stats.evicted += self.make_room(plans);
 
         let mut response: Vec<SequenceDraft> = plans
             .iter()
@@ -260,15 +338,13 @@ impl DraftCore {
             }
         }
 
-        let result = self.run(&mut work, &mut stats);
-        if let Err(e) = result {
+        if let Err(e) = self.run(&mut work, stats) {
             // Slots may hold rows past what we recorded; drop the call's sequences so the next
             // call rebuilds them (`unknown`) instead of drafting from a state we can't vouch for.
             for w in &work {
                 self.drop_seq(w.id);
             }
             tracing::error!(error = %e, sequences = work.len(), "draft forward failed; dropped the call's sequences");
-            self.last = stats;
             return Err(e);
         }
         for w in work {
@@ -278,10 +354,7 @@ impl DraftCore {
             r.tokens = w.drafted;
             r.q = w.q;
         }
-        self.last = stats;
-        Ok(ProposeResponse {
-            sequences: response,
-        })
+        Ok(response)
     }
 
     /// Validates the whole call before anything changes.
@@ -410,7 +483,7 @@ impl DraftCore {
         if over == 0 {
             return 0;
         }
-        let in_call: std::collections::HashSet<u64> = plans.iter().map(|p| p.id).collect();
+        let in_call: HashSet<u64> = plans.iter().map(|p| p.id).collect();
         let mut candidates: Vec<(u64, u64)> = self
             .seqs
             .iter()
@@ -573,8 +646,9 @@ impl DraftCore {
         stats: &mut CallStats,
     ) -> Result<Vec<Vec<Vec<f32>>>, DraftError> {
         stats.forwards += 1;
-        let out = self.model.forward(&mut self.kv, inputs)?;
-        Ok(out.to_vecs()?)
+        let fail = |e: ModelError| DraftError::Forward(e.to_string());
+        let out = self.model.forward(&mut self.kv, inputs).map_err(fail)?;
+        out.to_vecs().map_err(fail)
     }
 
     /// Notes tokens the KV now holds.

@@ -1,11 +1,10 @@
 //! One error type for a `Propose` call, mapped once to a gRPC status at the service edge.
 
-use tandem_model::ModelError;
 use tonic::{Code, Status};
 
 /// Why a `Propose` call failed. Validation errors name the field (with its index in the request)
 /// and the limit; nothing is changed by a call that fails validation.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DraftError {
     #[error(
         "sequences: {got} in one call; this draft takes at most {limit} (split the call or raise --max-sequences)"
@@ -50,7 +49,7 @@ pub enum DraftError {
     #[error(
         "draft model forward failed (the call's sequences were dropped; resend them from 0): {0}"
     )]
-    Forward(#[from] ModelError),
+    Forward(String),
     #[error("the draft model is still loading")]
     Loading,
     #[error("the draft is busy: {0} calls already queued")]

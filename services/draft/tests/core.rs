@@ -505,3 +505,34 @@ fn validation_errors_name_the_field_and_change_nothing() {
         assert_eq!(f.core.sequences(), 1);
     }
 }
+
+#[test]
+fn concurrent_calls_merge_into_one_batch_in_order() {
+    let mut merged = fixture(TinyConfig::llama(), CoreConfig::default());
+    let mut apart = fixture(TinyConfig::llama(), CoreConfig::default());
+    let a = ProposeRequest {
+        sequences: vec![seq(1, 0, &prompt(1, 7), 4), seq(2, 0, &prompt(2, 9), 4)],
+    };
+    let b = ProposeRequest {
+        sequences: vec![seq(3, 0, &prompt(3, 5), 4)],
+    };
+    let invalid = ProposeRequest {
+        sequences: vec![seq(4, 0, &prompt(4, 5), 40)],
+    };
+    // Sequence 1 again: must run after `a`, in a batch of its own.
+    let a2 = ProposeRequest {
+        sequences: vec![seq(1, 8, &[9], 2)],
+    };
+    let got = merged
+        .core
+        .propose_many(&[&a, &b, &invalid, &a2], Instant::now());
+    // a + b share 4 forwards, a2 takes 2.
+    assert_eq!(merged.core.last_call().forwards, 4 + 2);
+    assert_eq!(merged.core.last_call().sequences, 4);
+    let e = got[2].as_ref().unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    for (req, got) in [&a, &b, &a2].into_iter().zip([&got[0], &got[1], &got[3]]) {
+        let want = apart.core.propose(req).unwrap();
+        assert_eq!(got.as_ref().unwrap(), &want);
+    }
+}
