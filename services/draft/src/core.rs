@@ -116,6 +116,10 @@ pub struct DraftCore {
     calls: u64,
     last: CallStats,
     evictions: u64,
+    /// Tests: fail the forward this many forwards from now, after the model ran (the slots have
+    /// advanced but nothing was recorded: the worst case for consistency).
+    #[cfg(test)]
+    fail_forward_in: Option<usize>,
 }
 
 impl std::fmt::Debug for DraftCore {
@@ -142,6 +146,8 @@ impl DraftCore {
             calls: 0,
             last: CallStats::default(),
             evictions: 0,
+            #[cfg(test)]
+            fail_forward_in: None,
         }
     }
 
@@ -648,6 +654,15 @@ impl DraftCore {
         stats.forwards += 1;
         let fail = |e: ModelError| DraftError::Forward(e.to_string());
         let out = self.model.forward(&mut self.kv, inputs).map_err(fail)?;
+        #[cfg(test)]
+        match self.fail_forward_in {
+            Some(0) => {
+                self.fail_forward_in = None;
+                return Err(DraftError::Forward("injected failure".into()));
+            }
+            Some(n) => self.fail_forward_in = Some(n - 1),
+            None => {}
+        }
         out.to_vecs().map_err(fail)
     }
 
@@ -692,4 +707,67 @@ fn choose(w: &mut Work, logits: &[f32]) {
 
 fn to_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tandem_model::LoadOptions;
+    use tandem_proto::draft::v1::SequenceDraftRequest;
+    use tandem_testkit::{tiny_model, TinyConfig};
+
+    fn seq(id: u64, rollback_to: u32, append: Vec<u32>, max_tokens: u32) -> SequenceDraftRequest {
+        SequenceDraftRequest {
+            sequence_id: id,
+            rollback_to,
+            append,
+            max_tokens,
+            ..Default::default()
+        }
+    }
+
+    fn req(sequences: Vec<SequenceDraftRequest>) -> ProposeRequest {
+        ProposeRequest { sequences }
+    }
+
+    #[test]
+    fn a_failed_forward_drops_the_calls_sequences_and_nothing_else() {
+        let tiny = tiny_model(&TinyConfig::llama()).unwrap();
+        let model = Model::load(&tiny.dir, &LoadOptions::default()).unwrap();
+        let mut core = DraftCore::new(model, CoreConfig::default());
+        let p: Vec<u32> = (1..12).collect();
+        let first = core
+            .propose(&req(vec![seq(1, 0, p.clone(), 4), seq(2, 0, p.clone(), 4)]))
+            .unwrap();
+        let held = first.sequences[0].held;
+        // Sequence 1 continues, sequence 3 starts; the second forward fails.
+        core.fail_forward_in = Some(1);
+        let e = core
+            .propose(&req(vec![
+                seq(1, held, vec![5], 4),
+                seq(3, 0, p.clone(), 4),
+            ]))
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e}");
+        assert!(e.to_string().contains("resend them from 0"), "{e}");
+        assert_eq!((core.held(1), core.held(3)), (None, None));
+        assert_eq!(core.held(2), Some(held as usize));
+        assert_eq!(core.kv_tokens(), held as usize);
+        // The next call says unknown; restarted, the sequence drafts like a fresh one.
+        let d = core.propose(&req(vec![seq(1, held, vec![5], 4)])).unwrap();
+        assert!(d.sequences[0].unknown);
+        let again = core.propose(&req(vec![seq(1, 0, p.clone(), 4)])).unwrap();
+        assert_eq!(again.sequences[0].tokens, first.sequences[0].tokens);
+        // Merged calls share the failure.
+        core.fail_forward_in = Some(0);
+        let a = req(vec![seq(4, 0, p.clone(), 2)]);
+        let b = req(vec![seq(5, 0, p.clone(), 2)]);
+        let r = core.propose_many(&[&a, &b], Instant::now());
+        assert!(r
+            .iter()
+            .all(|r| r.as_ref().unwrap_err().code() == tonic::Code::Internal));
+        assert_eq!((core.held(4), core.held(5)), (None, None));
+        assert_eq!(core.sequences(), 2);
+    }
 }
