@@ -40,6 +40,10 @@ pub struct CoreConfig {
     /// Token budget of one forward while appending (long appends are chunked, as in the engine's
     /// chunked prefill).
     pub max_forward_tokens: usize,
+    /// KV positions held over all sequences (memory ≈ 2 × layers × KV heads × head dim × 4
+    /// bytes per position, up to twice that while slots grow by doubling); least recently used
+    /// sequences are evicted to stay under it. `None`: no budget.
+    pub max_kv_tokens: Option<usize>,
 }
 
 impl Default for CoreConfig {
@@ -49,6 +53,7 @@ impl Default for CoreConfig {
             max_draft_tokens: MAX_DRAFT_TOKENS,
             idle_ttl: Duration::from_secs(60),
             max_forward_tokens: 256,
+            max_kv_tokens: None,
         }
     }
 }
@@ -299,6 +304,17 @@ impl DraftCore {
                         }));
                     }
                 }
+                // Together over the KV budget: each call alone may still fit.
+                Err(DraftError::KvBudget { .. }) if b.members.len() > 1 => {
+                    let mut plans = b.plans.into_iter();
+                    for (i, n) in b.members {
+                        let mine: Vec<Plan<'_>> = plans.by_ref().take(n).collect();
+                        results[i] = Some(
+                            self.execute(&mine, now, &mut stats)
+                                .map(|sequences| ProposeResponse { sequences }),
+                        );
+                    }
+                }
                 Err(e) => {
                     for (i, _) in b.members {
                         results[i] = Some(Err(e.clone()));
@@ -323,7 +339,7 @@ impl DraftCore {
         self.calls += 1;
         stats.sequences += plans.len();
         stats.evicted += self.evict_idle(now);
-        stats.evicted += self.make_room(plans);
+        stats.evicted += self.make_room(plans)?;
 
         let mut response: Vec<SequenceDraft> = plans
             .iter()
@@ -479,15 +495,41 @@ impl DraftCore {
         Ok(plans)
     }
 
-    /// Evicts least recently used sequences not in this call until the call's new sequences fit.
-    fn make_room(&mut self, plans: &[Plan<'_>]) -> usize {
+    /// Evicts least recently used sequences not in this call until the call's new sequences fit
+    /// in `max_sequences` and, with a KV budget, its tokens fit in it. Fails, evicting nothing,
+    /// when the call alone needs more KV than the budget.
+    fn make_room(&mut self, plans: &[Plan<'_>]) -> Result<usize, DraftError> {
         let new = plans
             .iter()
             .filter(|p| p.rollback_to == 0 && !self.seqs.contains_key(&p.id))
             .count();
-        let over = (self.seqs.len() + new).saturating_sub(self.cfg.max_sequences);
-        if over == 0 {
-            return 0;
+        let over_seqs = (self.seqs.len() + new).saturating_sub(self.cfg.max_sequences);
+        // KV positions the call's sequences may hold afterwards (an upper bound), and what they
+        // hold now (their rollback frees it).
+        let (mut need, mut theirs) = (0usize, 0usize);
+        for p in plans {
+            let held = self.seqs.get(&p.id).map(|s| s.tokens.len());
+            let proceeds = match held {
+                Some(h) => p.rollback_to <= h,
+                None => p.rollback_to == 0,
+            };
+            if proceeds {
+                // The last drafted token is not run, so not held.
+                need += p.rollback_to + p.append.len() + p.max_tokens.saturating_sub(1);
+                theirs += held.unwrap_or(0);
+            }
+        }
+        let over_kv = |core: &Self| {
+            core.cfg.max_kv_tokens.is_some_and(|budget| {
+                core.kv.tokens_in_use().saturating_sub(theirs) + need > budget
+            })
+        };
+        if let Some(budget) = self.cfg.max_kv_tokens.filter(|&b| need > b) {
+            // Evicting everyone else would not help.
+            return Err(DraftError::KvBudget { need, budget });
+        }
+        if over_seqs == 0 && !over_kv(self) {
+            return Ok(0);
         }
         let in_call: HashSet<u64> = plans.iter().map(|p| p.id).collect();
         let mut candidates: Vec<(u64, u64)> = self
@@ -498,13 +540,19 @@ impl DraftCore {
             .collect();
         candidates.sort_unstable();
         let mut evicted = 0;
-        for &(_, id) in candidates.iter().take(over) {
+        for &(_, id) in &candidates {
+            if evicted >= over_seqs && !over_kv(self) {
+                break;
+            }
             self.drop_seq(id);
             evicted += 1;
         }
         self.evictions += evicted as u64;
         tracing::debug!(evicted, "evicted least recently used sequences");
-        evicted
+        match self.cfg.max_kv_tokens {
+            Some(budget) if over_kv(self) => Err(DraftError::KvBudget { need, budget }),
+            _ => Ok(evicted),
+        }
     }
 
     /// Rolls the sequence back and queues its tokens; `None` when it is unknown.

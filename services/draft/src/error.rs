@@ -50,6 +50,10 @@ pub enum DraftError {
         "draft model forward failed (the call's sequences were dropped; resend them from 0): {0}"
     )]
     Forward(String),
+    #[error(
+        "this call may hold up to {need} KV positions; the draft's KV budget is {budget} (--max-kv-tokens): send fewer or shorter sequences"
+    )]
+    KvBudget { need: usize, budget: usize },
     #[error("the draft model is still loading")]
     Loading,
     #[error("the draft is busy: {0} calls already queued")]
@@ -69,7 +73,7 @@ impl DraftError {
             | DraftError::InvalidValue { .. } => Code::InvalidArgument,
             DraftError::Forward(_) => Code::Internal,
             DraftError::Loading | DraftError::Stopped => Code::Unavailable,
-            DraftError::QueueFull(_) => Code::ResourceExhausted,
+            DraftError::QueueFull(_) | DraftError::KvBudget { .. } => Code::ResourceExhausted,
         }
     }
 }

@@ -536,3 +536,42 @@ fn concurrent_calls_merge_into_one_batch_in_order() {
         assert_eq!(got.as_ref().unwrap(), &want);
     }
 }
+
+#[test]
+fn the_kv_budget_evicts_least_recently_used_then_refuses() {
+    let mut f = fixture(
+        TinyConfig::llama(),
+        CoreConfig {
+            max_kv_tokens: Some(100),
+            ..Default::default()
+        },
+    );
+    let p = prompt(1, 30);
+    for id in 1..=3 {
+        assert_eq!(one(&mut f.core, seq(id, 0, &p, 4)).held, 33);
+    }
+    assert_eq!(f.core.kv_tokens(), 99);
+    // Up to 33 more positions: the least recently used sequence (1) makes room.
+    let d = one(&mut f.core, seq(4, 0, &p, 4));
+    assert_eq!(d.tokens.len(), 4);
+    assert_eq!(f.core.last_call().evicted, 1);
+    assert_eq!(f.core.held(1), None);
+    assert!(f.core.kv_tokens() <= 100);
+    // A sequence's own rollback frees what it held: all drafts rejected, sequence 4 goes on
+    // within the budget (30 + 1 + 3 held next to 66) without evicting anyone.
+    let d = one(&mut f.core, seq(4, 30, &[(d.tokens[0] + 1) % 300], 4));
+    assert_eq!(d.held, 34);
+    assert_eq!(f.core.last_call().evicted, 0);
+    assert_eq!(f.core.kv_tokens(), 100);
+    // More than the whole budget in one call: RESOURCE_EXHAUSTED, naming the budget.
+    let e = f
+        .core
+        .propose(&ProposeRequest {
+            sequences: vec![seq(9, 0, &prompt(2, 98), 4)],
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("KV budget is 100"), "{e}");
+    // Nobody was evicted for a call that could never fit.
+    assert_eq!(f.core.sequences(), 3);
+}

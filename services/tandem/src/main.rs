@@ -360,6 +360,10 @@ pub struct DraftArgs {
     /// Evict a sequence unused this long (e.g. 60s) [default: 60s].
     #[arg(long, env = "TANDEM_DRAFT_IDLE_TTL")]
     pub idle_ttl: Option<Dur>,
+    /// KV positions held over all sequences; least recently used sequences are evicted to
+    /// stay under it, a call needing more gets RESOURCE_EXHAUSTED [default: no budget].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_KV_TOKENS")]
+    pub max_kv_tokens: Option<usize>,
     /// Largest gRPC request message, in bytes [default: 4 MiB].
     #[arg(long, env = "TANDEM_DRAFT_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -386,6 +390,7 @@ impl DraftArgs {
                 max_context,
                 max_sequences,
                 idle_ttl,
+                max_kv_tokens,
                 max_message_bytes,
                 drain_grace,
             ]
@@ -415,6 +420,7 @@ impl DraftArgs {
             anyhow::ensure!(!v.0.is_zero(), "idle_ttl must be above 0");
             cfg.core.idle_ttl = v.0;
         }
+        cfg.core.max_kv_tokens = self.max_kv_tokens;
         if let Some(v) = self.max_message_bytes {
             cfg.max_message_bytes = v;
         }
@@ -692,6 +698,8 @@ mod tests {
             "127.0.0.1:9",
             "--drain-grace",
             "2s",
+            "--max-kv-tokens",
+            "100000",
         ])
         .unwrap();
         let Command::Draft(mut args) = cli.command else {
@@ -707,6 +715,7 @@ mod tests {
         assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9".parse().unwrap()));
         assert_eq!(cfg.listen, "127.0.0.1:50071".parse().unwrap()); // default
         assert_eq!(cfg.core.max_draft_tokens, 16);
+        assert_eq!(cfg.core.max_kv_tokens, Some(100_000));
         let e = DraftArgs::default().into_config().unwrap_err().to_string();
         assert!(
             e.contains("--model") && e.contains("TANDEM_DRAFT_MODEL"),
