@@ -99,6 +99,46 @@ async fn serves_info_propose_release_health_and_metrics() {
         assert_eq!(st, ServingStatus::Serving as i32, "{service}");
     }
 
+    // Server reflection lists the Drafter (grpcurl needs nothing local), not other services.
+    {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        let channel = Channel::from_shared(format!("http://{}", s.handle.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            resp.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list")
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"tandem.draft.v1.Drafter".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            !names.contains(&"tandem.shard.v1.Shard".to_string()),
+            "{names:?}"
+        );
+    }
+
     let info = s.client.info(InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(
         info.model,
