@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tandem_draft::{CoreConfig, DraftCore};
 use tandem_model::{ChatMessage, LoadOptions, Model, SeqInput};
-use tandem_proto::draft::v1::{ProposeRequest, SequenceDraftRequest};
+use tandem_proto::draft::v1::{DraftSampling, ProposeRequest, SequenceDraftRequest};
 
 fn argmax(row: &[f32]) -> u32 {
     row.iter()
@@ -112,6 +112,26 @@ fn qwen_0_5b_drafts_its_own_greedy_continuation() {
     eprintln!("drafted: {:?}", text.decode(&d.tokens).unwrap());
     assert_eq!(d.tokens, want);
     assert_eq!(d.held as usize, prompt.len() + 15);
+
+    // Sampled drafts over the real 152k vocabulary: q is the top 32, sums to 1, holds the token.
+    let mut r = seq(100, 0, prompt.clone(), 6);
+    r.sampling = Some(DraftSampling {
+        temperature: 0.7,
+        seed: 1,
+        ..Default::default()
+    });
+    let sd = core
+        .propose(&ProposeRequest { sequences: vec![r] })
+        .unwrap()
+        .sequences
+        .remove(0);
+    eprintln!("sampled: {:?}", text.decode(&sd.tokens).unwrap());
+    assert_eq!(sd.tokens.len(), 6);
+    for (t, q) in sd.tokens.iter().zip(&sd.q) {
+        assert!(q.ids.contains(t) && q.ids.len() <= 32);
+        assert!((q.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+    core.release(&[100]);
 
     // Time per drafted position, one sequence: accept all, append one token, draft 8.
     let mut held = d.held as usize;
