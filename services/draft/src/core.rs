@@ -231,6 +231,20 @@ impl DraftCore {
         idle.len()
     }
 
+    /// Drafts for every sequence of the call (proto semantics, `tandem.draft.v1`):
+    /// - a sequence held with fewer than `rollback_to` tokens, or not held and `rollback_to` > 0,
+    ///   answers `unknown` and is left as it is;
+    /// - otherwise its KV is cut to `rollback_to`, `append` runs, and up to `max_tokens` tokens
+    ///   are drafted (fewer at the context limit, or when the top probability of the next
+    ///   position falls below `min_confidence`: temperature-applied when sampling, temperature 1
+    ///   when greedy); with nothing appended, the last held token runs again for its logits;
+    /// - greedy (no sampling, temperature < 1e-5 or top_k 1): argmax, q = {token: 1}; sampling:
+    ///   temperature → top-k → top-p → the `max_q_tokens` most likely (default 32), renormalized
+    ///   = q, drawn with an RNG seeded by `seed` (the same call gives the same drafts);
+    /// - `held` = what the KV holds: context + every draft but the last.
+    ///
+    /// Validation errors change nothing. A failed forward fails the call and drops its
+    /// sequences (the next call answers `unknown`).
     pub fn propose(&mut self, req: &ProposeRequest) -> Result<ProposeResponse, DraftError> {
         self.propose_at(req, Instant::now())
     }
