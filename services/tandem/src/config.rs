@@ -15,6 +15,10 @@
 //! listen = "0.0.0.0:50051"
 //! workers = ["http://worker-0:50061", "http://worker-1:50061"]
 //! drain_grace = "20s"
+//!
+//! [draft]
+//! model = "/models/qwen2.5-coder-0.5b-instruct.gguf"
+//! idle_ttl = "60s"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,7 +28,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::{RouterArgs, UpArgs, WorkerArgs};
+use crate::{DraftArgs, RouterArgs, UpArgs, WorkerArgs};
 
 /// The config file: one optional section per subcommand.
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +41,8 @@ pub struct FileConfig {
     pub router: RouterArgs,
     #[serde(default)]
     pub up: UpArgs,
+    #[serde(default)]
+    pub draft: DraftArgs,
 }
 
 impl FileConfig {

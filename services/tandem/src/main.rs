@@ -2,6 +2,7 @@
 //!
 //! - `tandem worker`: one worker (group leader) serving the shard API over a model;
 //! - `tandem router`: the public gRPC API in front of workers;
+//! - `tandem draft`: the draft model service of speculative decoding;
 //! - `tandem up`: a whole cluster on this machine (workers and a router as child processes);
 //! - `tandem generate`: a command-line client that streams a completion;
 //! - `tandem bench router-overhead`: the router's added latency, measured.
@@ -56,6 +57,8 @@ enum Command {
     Worker(WorkerArgs),
     /// Serve the public API (tandem.v1.Generation) in front of workers.
     Router(RouterArgs),
+    /// Serve a small draft model for speculative decoding (tandem.draft.v1.Drafter).
+    Draft(DraftArgs),
     /// Run workers and a router on this machine until Ctrl-C.
     Up(UpArgs),
     /// Stream a completion from a router to stdout.
@@ -387,6 +390,106 @@ impl RouterArgs {
     }
 }
 
+/// `tandem draft` flags; also the `[draft]` section of the config file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftArgs {
+    /// Draft model: a Hugging Face folder or a .gguf file sharing the target's tokenizer.
+    #[arg(long, env = "TANDEM_DRAFT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Drafter API address [default: 127.0.0.1:50071].
+    #[arg(long, env = "TANDEM_DRAFT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus endpoint address (/metrics) [default: none].
+    #[arg(long, env = "TANDEM_DRAFT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Model name reported in Info [default: from the model's file or folder name].
+    #[arg(long, env = "TANDEM_DRAFT_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// How to run a GGUF file's weights [default: quantized].
+    #[arg(long, value_enum, env = "TANDEM_DRAFT_QUANT")]
+    pub quant: Option<Quant>,
+    /// Cap the context length below the model's own [default: the model's].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Sequences held at once (KV per sequence), and the most one call may name; beyond it the
+    /// least recently used is evicted [default: 256].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_SEQUENCES")]
+    pub max_sequences: Option<usize>,
+    /// Evict a sequence unused this long (e.g. 60s) [default: 60s].
+    #[arg(long, env = "TANDEM_DRAFT_IDLE_TTL")]
+    pub idle_ttl: Option<Dur>,
+    /// KV positions held over all sequences; least recently used sequences are evicted to
+    /// stay under it, a call needing more gets RESOURCE_EXHAUSTED [default: no budget].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_KV_TOKENS")]
+    pub max_kv_tokens: Option<usize>,
+    /// Largest gRPC request message, in bytes [default: 4 MiB].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// How long SIGTERM waits for calls in flight [default: 30s].
+    #[arg(long, env = "TANDEM_DRAFT_DRAIN_GRACE")]
+    pub drain_grace: Option<Dur>,
+    /// Shut down when stdin closes: children of `tandem up` die with their parent.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub exit_on_stdin_eof: bool,
+}
+
+impl DraftArgs {
+    fn layer(&mut self, mut file: DraftArgs) {
+        layer!(
+            self,
+            file,
+            [
+                model,
+                listen,
+                metrics_listen,
+                model_name,
+                quant,
+                max_context,
+                max_sequences,
+                idle_ttl,
+                max_kv_tokens,
+                max_message_bytes,
+                drain_grace,
+            ]
+        );
+    }
+
+    fn into_config(self) -> anyhow::Result<tandem_draft::DraftConfig> {
+        let model = self.model.context(
+            "no draft model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_DRAFT_MODEL, or set model in the [draft] section of the config file",
+        )?;
+        let listen = match self.listen {
+            Some(l) => l,
+            None => tandem_draft::DEFAULT_LISTEN.parse()?,
+        };
+        let mut cfg = tandem_draft::DraftConfig::new(model, listen);
+        cfg.metrics_listen = self.metrics_listen;
+        cfg.model_name = self.model_name;
+        if let Some(q) = self.quant {
+            cfg.quant = q.into();
+        }
+        cfg.max_context = self.max_context;
+        if let Some(v) = self.max_sequences {
+            anyhow::ensure!(v >= 1, "max_sequences must be at least 1");
+            cfg.core.max_sequences = v;
+        }
+        if let Some(v) = self.idle_ttl {
+            anyhow::ensure!(!v.0.is_zero(), "idle_ttl must be above 0");
+            cfg.core.idle_ttl = v.0;
+        }
+        cfg.core.max_kv_tokens = self.max_kv_tokens;
+        if let Some(v) = self.max_message_bytes {
+            cfg.max_message_bytes = v;
+        }
+        if let Some(v) = self.drain_grace {
+            cfg.drain_grace = v.0;
+        }
+        Ok(cfg)
+    }
+}
+
 /// `tandem up` flags; also the `[up]` section of the config file.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -496,6 +599,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let stdin_eof = args.exit_on_stdin_eof;
             args.into_config().and_then(|cfg| {
                 rt.block_on(tandem_router::serve(cfg, shutdown(stdin_eof)))
+                    .map(|()| ExitCode::SUCCESS)
+            })
+        }
+        Command::Draft(mut args) => {
+            tandem_runtime::init_tracing(json);
+            args.layer(std::mem::take(&mut file.draft));
+            let stdin_eof = args.exit_on_stdin_eof;
+            args.into_config().and_then(|cfg| {
+                rt.block_on(tandem_draft::serve(cfg, shutdown(stdin_eof)))
                     .map(|()| ExitCode::SUCCESS)
             })
         }
@@ -639,6 +751,46 @@ mod tests {
         };
         let e = bad.into_config().unwrap_err().to_string();
         assert!(e.contains("--group-peers"), "{e}");
+    }
+
+    #[test]
+    fn draft_flags_environment_and_file_reach_the_config() {
+        let file: FileConfig = toml::from_str(
+            "[draft]\nmodel = \"/d.gguf\"\nidle_ttl = \"90s\"\nmax_sequences = 8\nquant = \"dequantized\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "draft",
+            "--max-sequences",
+            "16",
+            "--metrics-listen",
+            "127.0.0.1:9",
+            "--drain-grace",
+            "2s",
+            "--max-kv-tokens",
+            "100000",
+        ])
+        .unwrap();
+        let Command::Draft(mut args) = cli.command else {
+            panic!("not the draft subcommand");
+        };
+        args.layer(file.draft);
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.model, PathBuf::from("/d.gguf")); // file
+        assert_eq!(cfg.core.max_sequences, 16); // flag over file
+        assert_eq!(cfg.core.idle_ttl, Duration::from_secs(90)); // file
+        assert_eq!(cfg.quant, tandem_model::QuantMode::Dequantized);
+        assert_eq!(cfg.drain_grace, Duration::from_secs(2));
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(cfg.listen, "127.0.0.1:50071".parse().unwrap()); // default
+        assert_eq!(cfg.core.max_draft_tokens, 16);
+        assert_eq!(cfg.core.max_kv_tokens, Some(100_000));
+        let e = DraftArgs::default().into_config().unwrap_err().to_string();
+        assert!(
+            e.contains("--model") && e.contains("TANDEM_DRAFT_MODEL"),
+            "{e}"
+        );
     }
 
     #[test]
