@@ -79,10 +79,11 @@ containers:
       - --group-peers={{ .peers }}
       - --group-connect-timeout={{ $v.groupConnectTimeout }}
       {{- end }}
+      {{- if eq $.Values.discovery.mode "etcd" }}
+      # Registration in etcd: this group's name and the address routers call.
       - --group={{ .group }}
       - --advertise-address=$(POD_IP):{{ $v.ports.grpc }}
-      {{- with (include "tandem.discoveryArgs" $ | trim) }}
-      {{- . | nindent 6 }}
+      {{- include "tandem.discoveryArgs" $ | nindent 6 }}
       {{- end }}
       {{- if $.Values.draft.enabled }}
       - --draft-endpoint={{ include "tandem.draftEndpoint" $ }}
