@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Validates manifests rendered by `helm template` from helm/tandem, offline.
 
-usage: validate_manifests.py [-k 1.28 -k 1.37 ...] RENDERED.yaml...
+usage: validate_manifests.py [-k 1.28 -k 1.37 ...] [--args-out FILE] RENDERED.yaml...
 
 1. Every object of a built-in kind passes kubernetes-validate --strict (its Python API) for each
    Kubernetes version given; a kind with no schema is an error, not a warning.
@@ -105,8 +105,12 @@ def flag_map(args):
     return out
 
 
+SERVER_ARGS = []  # (where, role, args) of every Tandem server rendered, for --args-out
+
+
 def check_server(c, role, where, pod):
     args = args_of(c)
+    SERVER_ARGS.append((where, role, [a for a in args if a != role] if role != "worker" else args))
     if role != "worker":
         if not args or args[0] != role:
             problem(where, f"container {c['name']}: first arg must be the subcommand {role!r}, got {args[:1]}")
@@ -171,6 +175,7 @@ def check_group(where, pod_spec, size, peer_host, lws=False):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", "--kubernetes-version", action="append", default=[])
+    ap.add_argument("--args-out", help="write each server's role and args as JSON lines here")
     ap.add_argument("files", nargs="+")
     a = ap.parse_args()
     versions = a.kubernetes_version or [kvu.latest_version()]
@@ -205,6 +210,10 @@ def main():
             check_wiring(os.path.basename(fn), by_kind)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             problem(os.path.basename(fn), f"Tandem wiring could not be checked: {type(e).__name__}: {e}")
+    if a.args_out:
+        with open(a.args_out, "w") as f:
+            for where, role, args in SERVER_ARGS:
+                f.write(json.dumps({"where": where, "role": role, "args": args}) + "\n")
     for p in problems:
         print(f"FAIL {p}")
     print(f"validate_manifests: {total} objects in {len(a.files)} file(s), kubernetes {', '.join(versions)}: "
