@@ -589,7 +589,7 @@ impl Scheduler {
             .stats
             .spec_planned_steps
             .fetch_add(1, Ordering::Relaxed);
-        if planned % 32 == 0 {
+        if planned.is_multiple_of(32) {
             if let Ok(mut c) = self.stats.spec_costs.lock() {
                 *c = self.costs.summary();
             }
