@@ -638,7 +638,11 @@ impl Scheduler {
                     None => Vec::new(),
                 },
             };
-            self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
+            // Only calls that drafted measure the drafter (one that skipped a step, e.g. a draft
+            // service still receiving a context, answers at once with nothing).
+            if out.iter().any(|d| !d.tokens.is_empty()) {
+                self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
+            }
             for ((j, k), mut d) in slots.into_iter().zip(out) {
                 // A drafter must not hand back more than asked or a q per token short.
                 d.tokens.truncate(k);

@@ -6,6 +6,16 @@
 //! call runs on the worker's tokio runtime with a deadline, so a stuck draft costs at most the
 //! deadline and then a back-off during which the engine doesn't ask (output never changes,
 //! only speed).
+//!
+//! A sequence's context reaches the draft in the background first (a Propose that drafts
+//! nothing): prefilling a long prompt on the draft takes seconds on a CPU, and the verifier must
+//! not wait for it. The sequence gets drafts from the step after its context is in, and no step
+//! waits behind a background prefill (the draft serves calls in order): while one runs, steps
+//! decode without drafts.
+//!
+//! A timed-out call may still run on the draft later; that is harmless, because every call
+//! says which prefix to keep (`rollback_to`) and the draft never holds less than what this
+//! side believes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,6 +94,17 @@ struct SeqSync {
     tail: Vec<u32>,
 }
 
+/// Where a sequence's draft-side KV stands.
+#[derive(Debug, Clone)]
+enum SeqState {
+    /// Its context is being sent in the background.
+    Syncing,
+    Synced(SeqSync),
+}
+
+/// Outcomes of background syncs: sequence → tokens the draft now holds, or the error.
+type SyncResults = Arc<std::sync::Mutex<HashMap<u64, Result<usize, String>>>>;
+
 /// The `Drafter` over a remote draft service.
 pub struct RemoteDrafter {
     cfg: DraftClientConfig,
@@ -92,7 +113,10 @@ pub struct RemoteDrafter {
     target_hash: String,
     /// High bits of every sequence id: verifiers sharing a draft service never collide.
     instance: u64,
-    seqs: HashMap<u64, SeqSync>,
+    seqs: HashMap<u64, SeqState>,
+    synced: SyncResults,
+    /// Background syncs in flight.
+    syncing: Arc<std::sync::atomic::AtomicUsize>,
     /// No calls before this instant (back-off after failures); doubles per failure.
     backoff_until: Option<Instant>,
     backoff: Duration,
@@ -129,6 +153,8 @@ impl RemoteDrafter {
             target_hash,
             instance,
             seqs: HashMap::new(),
+            synced: Arc::default(),
+            syncing: Arc::default(),
             backoff_until: None,
             backoff: MIN_BACKOFF,
             needs_pairing: true,
@@ -195,14 +221,14 @@ impl RemoteDrafter {
         );
         self.backoff_until = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        // It may come back restarted: resend every context in full, and check it again.
-        self.seqs.clear();
+        // It may come back restarted (then it answers `unknown` and contexts are resent) or
+        // with another model: check it again before the next call.
         self.needs_pairing = true;
     }
 
-    fn entry(&self, r: &DraftRequest<'_>, full: bool) -> pb::SequenceDraftRequest {
-        let (rollback_to, from) = match self.seqs.get(&r.seq).filter(|_| !full) {
-            Some(s) => {
+    fn entry(&self, r: &DraftRequest<'_>) -> pb::SequenceDraftRequest {
+        let (rollback_to, from) = match self.seqs.get(&r.seq) {
+            Some(SeqState::Synced(s)) => {
                 // Keep the drafted tokens the verifier accepted: they match the context.
                 let extra = s
                     .tail
@@ -213,7 +239,7 @@ impl RemoteDrafter {
                 let keep = (s.synced + extra).min(r.context.len().saturating_sub(1));
                 (keep, keep)
             }
-            None => (0, 0),
+            _ => (0, 0),
         };
         let sampling = (r.sampling.temperature > 0.0).then_some(pb::DraftSampling {
             temperature: r.sampling.temperature,
@@ -230,6 +256,90 @@ impl RemoteDrafter {
             sampling,
             min_confidence: self.cfg.min_confidence,
         }
+    }
+
+    /// Sends a sequence's whole context to the draft without waiting (a Propose drafting
+    /// nothing); `collect_syncs` picks up the outcome on a later step.
+    fn start_sync(&mut self, r: &DraftRequest<'_>) {
+        self.seqs.insert(r.seq, SeqState::Syncing);
+        let mut client = self.client.clone();
+        let req = pb::ProposeRequest {
+            sequences: vec![pb::SequenceDraftRequest {
+                sequence_id: self.wire_id(r.seq),
+                rollback_to: 0,
+                append: r.context.to_vec(),
+                max_tokens: 0,
+                sampling: None,
+                min_confidence: 0.0,
+            }],
+        };
+        let (seq, len) = (r.seq, r.context.len());
+        let results = self.synced.clone();
+        let syncing = self.syncing.clone();
+        syncing.fetch_add(1, Ordering::Relaxed);
+        // Generous: a long prompt's prefill on a CPU draft takes seconds, and nobody waits.
+        let timeout = self.cfg.timeout.max(Duration::from_secs(60));
+        self.runtime.spawn(async move {
+            let res = match tokio::time::timeout(timeout, client.propose(req)).await {
+                Ok(Ok(r)) => match r.into_inner().sequences.first() {
+                    Some(d) if !d.unknown => Ok(len.min(d.held as usize)),
+                    _ => Err("the draft did not keep the context".to_owned()),
+                },
+                Ok(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
+                Err(_) => Err("no answer".to_owned()),
+            };
+            if let Ok(mut m) = results.lock() {
+                m.insert(seq, res);
+            }
+            syncing.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// Applies the outcomes of finished background syncs.
+    fn collect_syncs(&mut self) {
+        let done: Vec<(u64, Result<usize, String>)> = match self.synced.lock() {
+            Ok(mut m) => m.drain().collect(),
+            Err(_) => return,
+        };
+        for (seq, res) in done {
+            match (self.seqs.get(&seq), res) {
+                (Some(SeqState::Syncing), Ok(held)) => {
+                    self.seqs.insert(
+                        seq,
+                        SeqState::Synced(SeqSync {
+                            synced: held,
+                            tail: Vec::new(),
+                        }),
+                    );
+                }
+                (Some(SeqState::Syncing), Err(e)) => {
+                    // Tried again on the sequence's next step.
+                    tracing::debug!(seq, error = %e, "sending a context to the draft failed");
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    self.seqs.remove(&seq);
+                }
+                (None, Ok(_)) => {
+                    // Released while its context was on the way: free it on the draft too.
+                    self.release_remote(seq);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn release_remote(&self, seq: u64) {
+        let mut client = self.client.clone();
+        let id = self.wire_id(seq);
+        // Fire and forget: an unreleased sequence is evicted by the draft when idle.
+        self.runtime.spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.release(pb::ReleaseRequest {
+                    sequence_ids: vec![id],
+                }),
+            )
+            .await;
+        });
     }
 
     fn call(
@@ -267,11 +377,25 @@ impl Drafter for RemoteDrafter {
                 Err(Some(_)) => return out,
             }
         }
+        self.collect_syncs();
+        // Sequences the draft doesn't hold yet get their context sent in the background.
+        let mut ready = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            match self.seqs.get(&r.seq) {
+                Some(SeqState::Synced(_)) => ready.push(i),
+                Some(SeqState::Syncing) => {}
+                None => self.start_sync(r),
+            }
+        }
+        if ready.is_empty() || self.syncing.load(Ordering::Relaxed) > 0 {
+            // Nothing to draft for, or the draft is busy prefilling: don't queue behind it.
+            return out;
+        }
         let deadline = Instant::now() + self.cfg.timeout;
-        let entries: Vec<_> = reqs.iter().map(|r| self.entry(r, false)).collect();
-        let sent: Vec<(usize, usize)> = entries
+        let entries: Vec<_> = ready.iter().map(|&i| self.entry(&reqs[i])).collect();
+        let sent: Vec<usize> = entries
             .iter()
-            .map(|e| (e.rollback_to as usize, e.append.len()))
+            .map(|e| e.rollback_to as usize + e.append.len())
             .collect();
         let resp = match self.call(pb::ProposeRequest { sequences: entries }, deadline) {
             Ok(r) => r,
@@ -280,60 +404,35 @@ impl Drafter for RemoteDrafter {
                 return out;
             }
         };
-        let mut results: Vec<Option<pb::SequenceDraft>> =
-            resp.sequences.into_iter().map(Some).collect();
-        results.resize(reqs.len(), None);
-        let mut sent = sent;
-        // Sequences the draft doesn't hold (restarted, evicted): resend them whole, once.
-        let unknown: Vec<usize> = (0..reqs.len())
-            .filter(|&i| results[i].as_ref().is_none_or(|r| r.unknown))
-            .collect();
-        if !unknown.is_empty() {
-            self.stats
-                .resent
-                .fetch_add(unknown.len() as u64, Ordering::Relaxed);
-            let entries: Vec<_> = unknown
-                .iter()
-                .map(|&i| self.entry(&reqs[i], true))
-                .collect();
-            match self.call(pb::ProposeRequest { sequences: entries }, deadline) {
-                Ok(r) => {
-                    for (&i, d) in unknown.iter().zip(r.sequences) {
-                        sent[i] = (0, reqs[i].context.len());
-                        results[i] = Some(d);
-                    }
-                }
-                Err(e) => {
-                    self.fail(&e);
-                    return out;
-                }
-            }
-        }
         // A healthy call ends any back-off.
         self.backoff = MIN_BACKOFF;
-        for (i, r) in reqs.iter().enumerate() {
-            let Some(d) = results[i].take().filter(|d| !d.unknown) else {
+        let mut results = resp.sequences.into_iter();
+        for (n, &i) in ready.iter().enumerate() {
+            let r = &reqs[i];
+            let Some(d) = results.next().filter(|d| !d.unknown) else {
+                // The draft restarted or evicted it: resend its context (in the background).
+                self.stats.resent.fetch_add(1, Ordering::Relaxed);
                 self.seqs.remove(&r.seq);
                 continue;
             };
-            let synced = sent[i].0 + sent[i].1;
+            let synced = sent[n];
             let held = d.held as usize;
             let tail_len = held.saturating_sub(synced).min(d.tokens.len());
             self.seqs.insert(
                 r.seq,
-                SeqSync {
+                SeqState::Synced(SeqSync {
                     synced: synced.min(held),
                     tail: d.tokens[..tail_len].to_vec(),
-                },
+                }),
             );
             let q: Vec<Vec<(u32, f32)>> =
                 d.q.into_iter()
                     .map(|q| q.ids.into_iter().zip(q.probs).collect())
                     .collect();
-            let n = d.tokens.len().min(q.len()).min(r.max_tokens);
+            let k = d.tokens.len().min(q.len()).min(r.max_tokens);
             out[i] = Draft {
-                tokens: d.tokens[..n].to_vec(),
-                q: q.into_iter().take(n).collect(),
+                tokens: d.tokens[..k].to_vec(),
+                q: q.into_iter().take(k).collect(),
             };
         }
         out
@@ -342,21 +441,9 @@ impl Drafter for RemoteDrafter {
     fn feedback(&mut self, _seq: u64, _proposed: usize, _accepted: usize) {}
 
     fn release(&mut self, seq: u64) {
-        if self.seqs.remove(&seq).is_none() {
-            return;
+        if let Some(SeqState::Synced(_)) = self.seqs.remove(&seq) {
+            self.release_remote(seq);
         }
-        let mut client = self.client.clone();
-        let id = self.wire_id(seq);
-        // Fire and forget: an unreleased sequence is evicted by the draft when idle.
-        self.runtime.spawn(async move {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                client.release(pb::ReleaseRequest {
-                    sequence_ids: vec![id],
-                }),
-            )
-            .await;
-        });
     }
 
     fn available(&self) -> bool {
