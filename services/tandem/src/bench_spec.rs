@@ -392,11 +392,81 @@ async fn measure(
         }
     }
     report(args, target, &engines, &totals, &prompts);
+    if let Err(e) = report_margins(args, target, &opts, &totals, &prompts) {
+        println!("(margins at divergences not computed: {e:#})");
+    }
     for s in draft_stats {
         let f = s.failures.load(Ordering::Relaxed);
         if f > 0 {
             println!("draft call failures: {f} (those steps decoded without drafts)");
         }
+    }
+    Ok(())
+}
+
+/// Where a mode's greedy output left plain greedy's, the target's top-two logit margin at that
+/// position (one prefill of the prompt and plain output before it): a near-tie means batched
+/// and single-token forwards rounded differently, not a speculation error.
+fn report_margins(
+    args: &SpecArgs,
+    target: &std::path::Path,
+    opts: &LoadOptions,
+    totals: &[Totals],
+    prompts: &[Vec<u32>],
+) -> anyhow::Result<()> {
+    let Some(plain) = args.modes.iter().position(|&m| m == Mode::Plain) else {
+        return Ok(());
+    };
+    let mut found = Vec::new();
+    for (m, t) in args.modes.iter().zip(totals) {
+        if *m == Mode::Plain {
+            continue;
+        }
+        for (pi, (a, b)) in totals[plain].outputs.iter().zip(&t.outputs).enumerate() {
+            if let Some(at) = a.iter().zip(b).position(|(x, y)| x != y) {
+                found.push((m.name(), pi, at));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let model = Model::load(target, opts)?;
+    let tf = &model.transformer;
+    println!("\nDivergences from plain greedy (target's top-two logit margin there):\n");
+    for (name, pi, at) in found {
+        let mut ctx = prompts[pi].clone();
+        ctx.extend_from_slice(&totals[plain].outputs[pi][..at]);
+        let mut kv = tf.new_cache();
+        let slot = kv.allocate();
+        let mut last = Vec::new();
+        for chunk in ctx.chunks(256) {
+            let l = tf
+                .forward(
+                    &mut kv,
+                    &[tandem_model::SeqInput {
+                        slot,
+                        tokens: chunk,
+                        all_logits: false,
+                    }],
+                )?
+                .to_vecs()?;
+            last = l
+                .into_iter()
+                .next()
+                .and_then(|r| r.into_iter().last())
+                .unwrap_or_default();
+        }
+        let mut sorted: Vec<f32> = last.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let margin = sorted
+            .first()
+            .zip(sorted.get(1))
+            .map_or(f32::NAN, |(a, b)| a - b);
+        println!(
+            "- {name}, prompt {}: token {at}, margin {margin:.4}",
+            pi + 1
+        );
     }
     Ok(())
 }
