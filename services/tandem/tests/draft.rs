@@ -13,7 +13,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 mod common;
-use common::{free_addr, Proc};
+use common::{free_addr, scrape_metrics, Proc};
 
 /// The overall grpc.health.v1 status of a process, `None` when unreachable.
 async fn health(addr: SocketAddr) -> Option<i32> {
@@ -30,17 +30,6 @@ async fn health(addr: SocketAddr) -> Option<i32> {
         .await
         .ok()
         .map(|r| r.into_inner().status)
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -111,7 +100,7 @@ async fn draft_subcommand_serves_and_drains() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("at most 4"), "{e:?}");
-    let m = scrape(metrics).await;
+    let m = scrape_metrics(metrics).await;
     assert!(m.contains("tandem_draft_tokens_drafted_total 3"), "{m}");
 
     p.sigterm();

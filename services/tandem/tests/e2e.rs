@@ -23,7 +23,7 @@ use tonic::Code;
 // Processes
 
 mod common;
-use common::{free_addr, Proc};
+use common::{free_addr, metric_sample, scrape_metrics, Proc};
 
 fn worker(
     model: &Path,
@@ -44,27 +44,6 @@ fn worker(
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::start(name, logs, &args)
-}
-
-/// `GET /metrics` from a Prometheus endpoint.
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-/// The value of the first sample whose line starts with `prefix` and contains `needle`.
-fn sample(metrics: &str, prefix: &str, needle: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix) && l.contains(needle))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn router(addr: SocketAddr, metrics: SocketAddr, workers: &[SocketAddr], logs: &Path) -> Proc {
@@ -199,13 +178,13 @@ impl Cluster {
     }
 
     async fn metrics(&self) -> String {
-        scrape(self.metrics_addr).await
+        scrape_metrics(self.metrics_addr).await
     }
 
     /// Tokens worker `i` has generated so far.
     async fn worker_generated(&self, i: usize) -> f64 {
-        let m = scrape(self.worker_metrics[i]).await;
-        sample(&m, "tandem_worker_generated_tokens", "")
+        let m = scrape_metrics(self.worker_metrics[i]).await;
+        metric_sample(&m, "tandem_worker_generated_tokens", "")
             .unwrap_or_else(|| panic!("no generated token count in:\n{m}"))
     }
 }
@@ -403,7 +382,7 @@ async fn two_workers_generate_chat_tokenize_and_spread() {
     }
     let metrics = cluster.metrics().await;
     for a in &cluster.worker_addrs {
-        let n = sample(
+        let n = metric_sample(
             &metrics,
             "tandem_router_worker_requests_total",
             &format!("http://{a}"),
@@ -1006,7 +985,7 @@ async fn full_queues_are_resource_exhausted_after_trying_every_worker() {
         .worker_addrs
         .iter()
         .map(|a| {
-            sample(
+            metric_sample(
                 &m,
                 "tandem_router_worker_requests_total",
                 &format!("http://{a}"),
@@ -1083,8 +1062,8 @@ async fn ngram_speculation_over_the_api_keeps_greedy_output() {
         .await
         .unwrap();
     assert_eq!(streamed.token_ids, plain.token_ids);
-    let m = scrape(cluster.worker_metrics[0]).await;
-    let first = sample(
+    let m = scrape_metrics(cluster.worker_metrics[0]).await;
+    let first = metric_sample(
         &m,
         "tandem_worker_spec_accepted_at_position",
         "position=\"0\"",
