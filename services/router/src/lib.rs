@@ -16,6 +16,7 @@
 mod membership;
 mod metrics;
 mod pool;
+mod routing;
 mod service;
 mod validate;
 
@@ -32,11 +33,17 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use membership::{Membership, StaticMembership};
+pub use membership::{Membership, MembershipStatus, RegistryMembership, StaticMembership};
+pub use routing::Policy;
+pub use service::GROUP_HEADER;
 pub use validate::{DEFAULT_MAX_NEW_TOKENS, MAX_ID_LEN};
 
 /// The public service's full name, for health and reflection.
 pub const GENERATION_SERVICE: &str = "tandem.v1.Generation";
+/// The health "service" that tells whether the membership registry (etcd) is reachable:
+/// NOT_SERVING while the router serves from the last known membership. Only with etcd; probes
+/// of "" or `tandem.v1.Generation` are not affected by it.
+pub const DISCOVERY_HEALTH: &str = "tandem.discovery";
 
 /// Everything the router needs, built once (flags, environment, file) and passed by value.
 #[derive(Debug, Clone)]
@@ -47,6 +54,13 @@ pub struct RouterConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Group leaders' shard endpoints, `http://host:port` (a bare `host:port` gets `http://`).
     pub workers: Vec<String>,
+    /// etcd endpoints to follow for group membership (every model's `groups/` of `cluster`), on
+    /// top of `workers`; empty: `workers` only.
+    pub etcd_endpoints: Vec<String>,
+    /// Cluster name: the etcd key prefix `/tandem/v1/<cluster>/`.
+    pub cluster: String,
+    /// How a group is chosen for each request.
+    pub routing_policy: Policy,
     /// The model a request gets when it leaves `model` empty. Unset: the only model served
     /// (the first by name when there are several).
     pub model_name: Option<String>,
@@ -71,6 +85,9 @@ impl RouterConfig {
             listen,
             metrics_listen: None,
             workers,
+            etcd_endpoints: Vec::new(),
+            cluster: tandem_discovery::DEFAULT_CLUSTER.to_owned(),
+            routing_policy: Policy::default(),
             model_name: None,
             max_new_tokens_limit: 4096,
             max_message_bytes: 4 << 20,
@@ -110,13 +127,32 @@ impl Drop for RouterHandle {
     }
 }
 
-/// Serves on `cfg.listen` with the static worker list until `shutdown` resolves, then drains.
+/// Serves on `cfg.listen` until `shutdown` resolves, then drains. Groups come from
+/// `cfg.workers` and, with `cfg.etcd_endpoints`, from etcd.
 pub async fn serve(
     cfg: RouterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let membership = Arc::new(StaticMembership::new(cfg.workers.clone()));
+    let membership = membership(&cfg).await?;
     serve_with_membership(cfg, membership, shutdown).await
+}
+
+/// The membership `cfg` asks for: the static list, plus etcd when endpoints are given.
+pub async fn membership(cfg: &RouterConfig) -> anyhow::Result<Arc<dyn Membership>> {
+    let fixed = StaticMembership::new(cfg.workers.clone());
+    if cfg.etcd_endpoints.is_empty() {
+        return Ok(Arc::new(fixed));
+    }
+    let keys = tandem_discovery::Keys::new(&cfg.cluster)?;
+    let registry = tandem_discovery::Registry::etcd(&cfg.etcd_endpoints)
+        .await
+        .context("setting up the etcd client")?;
+    tracing::info!(
+        endpoints = ?cfg.etcd_endpoints,
+        prefix = %keys.groups(),
+        "following group membership in etcd"
+    );
+    Ok(Arc::new(RegistryMembership::new(&registry, &keys, fixed)))
 }
 
 /// [`serve`] with another membership backend; `cfg.workers` is ignored.
@@ -137,7 +173,7 @@ pub async fn spawn(cfg: RouterConfig) -> anyhow::Result<RouterHandle> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding the router's gRPC address {}", cfg.listen))?;
-    let membership = Arc::new(StaticMembership::new(cfg.workers.clone()));
+    let membership = membership(&cfg).await?;
     let router = Router::start(cfg, membership, listener).await?;
     let addr = router.addr;
     let metrics_addr = router.metrics_addr;
@@ -177,6 +213,9 @@ impl Router {
         let addr = listener.local_addr()?;
         let mut registry = Registry::default();
         let metrics = metrics::RouterMetrics::new(&mut registry);
+        if membership.status() != MembershipStatus::Static {
+            metrics.register_registry_metrics(&mut registry);
+        }
         let (metrics_addr, metrics_task) = match cfg.metrics_listen {
             Some(a) => {
                 let (bound, task) =
@@ -194,6 +233,7 @@ impl Router {
         tandem_runtime::set_health(&health, &[GENERATION_SERVICE], ServingStatus::NotServing).await;
         let (pool, poller) = pool::pool(
             membership,
+            cfg.routing_policy,
             health.clone(),
             metrics.clone(),
             cfg.poll_interval,
@@ -219,6 +259,8 @@ impl Router {
         tracing::info!(
             %addr,
             workers = ?cfg.workers,
+            etcd = ?cfg.etcd_endpoints,
+            policy = cfg.routing_policy.name(),
             "router listening"
         );
         Ok(Self {

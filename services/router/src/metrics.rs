@@ -33,6 +33,15 @@ pub struct RouterMetrics {
     pub worker_outstanding: Family<WorkerLabels, Gauge>,
     pub worker_requests: Family<WorkerLabels, Counter>,
     pub worker_usable: Family<WorkerLabels, Gauge>,
+    /// 1 while the membership registry (etcd) is reachable, 0 while serving from the last
+    /// known membership; absent with a static list.
+    pub registry_connected: Gauge,
+    pub member_groups: Gauge,
+    /// 1 while a worker's circuit breaker has it ejected.
+    pub worker_ejected: Family<WorkerLabels, Gauge>,
+    pub ejections: Counter,
+    /// Retries refused because the retry budget was spent.
+    pub retries_refused: Counter,
 }
 
 impl RouterMetrics {
@@ -52,6 +61,11 @@ impl RouterMetrics {
             worker_outstanding: Family::default(),
             worker_requests: Family::default(),
             worker_usable: Family::default(),
+            registry_connected: Gauge::default(),
+            member_groups: Gauge::default(),
+            worker_ejected: Family::default(),
+            ejections: Counter::default(),
+            retries_refused: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("tandem_router");
         r.register(
@@ -109,7 +123,38 @@ impl RouterMetrics {
             "1 when the worker is in rotation (healthy, answering, tokenizer known)",
             m.worker_usable.clone(),
         );
+        r.register(
+            "worker_ejected",
+            "1 while the worker is ejected by its circuit breaker (repeated request failures)",
+            m.worker_ejected.clone(),
+        );
+        r.register(
+            "ejections",
+            "Times a worker was ejected by its circuit breaker",
+            m.ejections.clone(),
+        );
+        r.register(
+            "retries_refused",
+            "Failures before the first token not retried because the retry budget was spent",
+            m.retries_refused.clone(),
+        );
+        r.register(
+            "member_groups",
+            "Group leaders in the membership (registry or static list), usable or not",
+            m.member_groups.clone(),
+        );
         m
+    }
+
+    /// Registered only when membership comes from a registry, so a static router does not
+    /// report a registry it does not have.
+    pub fn register_registry_metrics(&self, registry: &mut Registry) {
+        registry.sub_registry_with_prefix("tandem_router").register(
+            "registry_connected",
+            "1 while the membership registry (etcd) is reachable; 0 while the router serves from \
+             the last known membership",
+            self.registry_connected.clone(),
+        );
     }
 
     pub fn request_done(&self, method: &str, code: tonic::Code) {

@@ -5,9 +5,9 @@
 //! count and its "failed" flag, both atomics, so no lock is ever held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_model::TextModel;
 use tandem_proto::shard::v1::shard_client::ShardClient;
@@ -21,8 +21,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::membership::Membership;
+use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::RouterMetrics;
+use crate::routing::{self, Breaker, BreakerChange, Candidate, Policy, RetryBudget, RouteKey};
 
 /// Health, Info and Load of one worker must answer within this; a worker that misses it twice
 /// in a row (or fails outright once) leaves the rotation.
@@ -34,9 +35,6 @@ const TOKENIZER_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_TOKENIZER_MESSAGE: usize = 64 << 20;
 /// The service name a worker reports health for; "" (the whole server) is the fallback.
 const SHARD_SERVICE: &str = "tandem.shard.v1.Shard";
-/// Session affinity gives way when the session's worker has this many more requests than the
-/// least-loaded one.
-const AFFINITY_SLACK: u64 = 4;
 
 /// One worker (group leader) endpoint. Lives as long as the endpoint stays in the membership,
 /// across snapshots, so its outstanding count is continuous.
@@ -45,8 +43,15 @@ pub struct Worker {
     pub shard: ShardClient<Channel>,
     health: HealthClient<Channel>,
     outstanding: AtomicU32,
+    /// Prompt + remaining max_new_tokens of this router's requests there.
+    outstanding_tokens: AtomicU64,
+    /// Prompt + generated tokens of this router's requests there: what the leader's
+    /// `Load.kv_tokens` holds for them.
+    cached_tokens: AtomicU64,
     /// Set when a request to it failed at the transport level; the next good poll clears it.
     failed: AtomicBool,
+    /// Ejects it after repeated request failures, whatever its health says.
+    pub breaker: Breaker,
 }
 
 impl Worker {
@@ -66,7 +71,10 @@ impl Worker {
                 .max_encoding_message_size(max_message_bytes),
             health: HealthClient::new(channel),
             outstanding: AtomicU32::new(0),
+            outstanding_tokens: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            breaker: Breaker::default(),
         })
     }
 
@@ -79,23 +87,90 @@ impl Worker {
 pub struct Lease {
     pub worker: Arc<Worker>,
     metrics: RouterMetrics,
+    /// Tokens still counted against the worker.
+    tokens: u64,
+    /// Prompt + generated so far, counted in the worker's `cached_tokens`.
+    cached: u64,
+    /// This request is the worker's circuit-breaker probe.
+    probe: bool,
+    /// Success or failure was recorded with the breaker.
+    resolved: bool,
 }
 
 impl Lease {
-    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics) -> Self {
+    /// Claims `worker` for a request of `prompt` tokens and up to `max_new` more.
+    pub fn new(worker: Arc<Worker>, metrics: &RouterMetrics, prompt: u64, max_new: u64) -> Self {
+        let tokens = prompt + max_new;
         worker.outstanding.fetch_add(1, Ordering::Relaxed);
+        worker
+            .outstanding_tokens
+            .fetch_add(tokens, Ordering::Relaxed);
+        worker.cached_tokens.fetch_add(prompt, Ordering::Relaxed);
+        let probe = worker.breaker.picked(Instant::now());
         let labels = metrics.worker(&worker.url);
         metrics.worker_outstanding.get_or_create(&labels).inc();
         metrics.worker_requests.get_or_create(&labels).inc();
         Self {
             worker,
             metrics: metrics.clone(),
+            tokens,
+            cached: prompt,
+            probe,
+            resolved: false,
+        }
+    }
+
+    /// `n` tokens were generated: that much less work is left there.
+    pub fn progress(&mut self, n: u64) {
+        self.cached += n;
+        self.worker.cached_tokens.fetch_add(n, Ordering::Relaxed);
+        let n = n.min(self.tokens);
+        self.tokens -= n;
+        self.worker
+            .outstanding_tokens
+            .fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The worker served (its first token arrived).
+    pub fn succeeded(&mut self) {
+        if std::mem::replace(&mut self.resolved, true) {
+            return;
+        }
+        if self.worker.breaker.success() == BreakerChange::Closed {
+            tracing::info!(worker = %self.worker.url, "probe succeeded; worker back in rotation");
+            self.metrics
+                .worker_ejected
+                .get_or_create(&self.metrics.worker(&self.worker.url))
+                .set(0);
+        }
+    }
+
+    /// The worker failed this request (down, internal error, broken stream).
+    pub fn failed(&mut self) {
+        if std::mem::replace(&mut self.resolved, true) {
+            return;
+        }
+        if let BreakerChange::Ejected(d) = self.worker.breaker.failure(Instant::now()) {
+            tracing::warn!(worker = %self.worker.url, for_s = d.as_secs_f64(),
+                "worker failed repeatedly; ejected (circuit breaker), then probed");
+            let labels = self.metrics.worker(&self.worker.url);
+            self.metrics.worker_ejected.get_or_create(&labels).set(1);
+            self.metrics.ejections.inc();
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.probe && !self.resolved {
+            self.worker.breaker.probe_abandoned();
+        }
+        self.worker
+            .outstanding_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+        self.worker
+            .cached_tokens
+            .fetch_sub(self.cached, Ordering::Relaxed);
         self.worker.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.metrics
             .worker_outstanding
@@ -127,19 +202,35 @@ pub struct WorkerView {
     pub load: LoadResponse,
     /// The last poll succeeded and its tokenizer is known and matches its model's.
     pub polled_ok: bool,
+    /// Load at the last poll that was not ours (other routers'): `Load` minus what this router
+    /// had there at that moment. Our own share is counted live instead, so a request that just
+    /// finished stops counting at once rather than at the next poll.
+    pub others: OthersLoad,
+}
+
+/// See [`WorkerView::others`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OthersLoad {
+    pub requests: u64,
+    pub tokens: u64,
 }
 
 impl WorkerView {
     pub fn usable(&self) -> bool {
-        self.polled_ok && !self.worker.failed.load(Ordering::Relaxed)
+        self.polled_ok
+            && !self.worker.failed.load(Ordering::Relaxed)
+            && self.worker.breaker.available(Instant::now())
     }
 
-    /// Requests ahead of a new one: ours in flight plus the worker's own count (which includes
-    /// other routers' requests) at the last poll.
+    /// Outstanding tokens: ours now (prompt + remaining max_new_tokens) plus other routers'
+    /// cached tokens at the last poll.
+    fn tokens(&self) -> u64 {
+        self.worker.outstanding_tokens.load(Ordering::Relaxed) + self.others.tokens
+    }
+
+    /// Requests ahead of a new one: ours in flight now plus other routers' at the last poll.
     fn score(&self) -> u64 {
-        u64::from(self.worker.outstanding())
-            + u64::from(self.load.running)
-            + u64::from(self.load.waiting)
+        u64::from(self.worker.outstanding()) + self.others.requests
     }
 
     fn has_room(&self) -> bool {
@@ -160,6 +251,9 @@ pub struct Pool {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     poke: Arc<Notify>,
     rr: AtomicUsize,
+    policy: Policy,
+    /// Retries before the first token, across all requests.
+    pub retry_budget: RetryBudget,
 }
 
 impl Pool {
@@ -180,16 +274,15 @@ impl Pool {
         self.poke.notify_one();
     }
 
-    /// The least-loaded usable worker serving `model`, skipping `exclude` (URLs already tried).
-    /// Workers whose queue had room at the last poll come first; when none had, the least loaded
-    /// full one is still tried, since its queue may have drained since. With a session id, the
-    /// session's worker (rendezvous hashing) is preferred unless it is much busier.
+    /// A usable worker serving `model`, not in `exclude` (URLs already tried), chosen by the
+    /// routing policy. Workers whose queue had room at the last poll come first; when none had,
+    /// the policy still picks among the full ones, since a queue may have drained since.
     pub fn pick(
         &self,
         snap: &Snapshot,
         model: &str,
         exclude: &[String],
-        session_id: &str,
+        key: RouteKey,
     ) -> Option<Arc<Worker>> {
         let candidates: Vec<&WorkerView> = snap
             .workers
@@ -208,34 +301,17 @@ impl Pool {
         } else {
             with_room
         };
-        let min = pool.iter().map(|v| v.score()).min()?;
-        if !session_id.is_empty() {
-            let preferred = pool
-                .iter()
-                .max_by_key(|v| fnv1a(session_id.as_bytes(), v.worker.url.as_bytes()));
-            if let Some(v) = preferred {
-                if v.score() <= min + AFFINITY_SLACK {
-                    return Some(v.worker.clone());
-                }
-            }
-        }
-        // Ties rotate, so equal workers share a burst that arrives between two polls.
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        let n = pool.len();
-        (0..n)
-            .map(|i| pool[(start + i) % n])
-            .find(|v| v.score() == min)
-            .map(|v| v.worker.clone())
+        let cands: Vec<Candidate<'_>> = pool
+            .iter()
+            .map(|v| Candidate {
+                url: &v.worker.url,
+                requests: v.score(),
+                tokens: v.tokens(),
+            })
+            .collect();
+        let rr = self.rr.fetch_add(1, Ordering::Relaxed);
+        routing::choose(self.policy, &cands, key, rr).map(|i| pool[i].worker.clone())
     }
-}
-
-fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in a.iter().chain([0u8].iter()).chain(b) {
-        h ^= u64::from(*byte);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// Everything the poller needs; consumed by [`Poller::run`].
@@ -255,16 +331,22 @@ pub struct Poller {
     /// Consecutive polls that timed out, per worker.
     slow_polls: HashMap<String, u32>,
     serving: Option<bool>,
+    /// Last reported registry reachability (None: not reported yet, or static).
+    registry_connected: Option<bool>,
 }
 
 /// A worker's answer to one poll.
 struct PollResult {
     info: InfoResponse,
     load: LoadResponse,
+    /// Not ours, at the moment `Load` answered.
+    others: OthersLoad,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn pool(
     membership: Arc<dyn Membership>,
+    policy: Policy,
     health: HealthReporter,
     metrics: RouterMetrics,
     interval: Duration,
@@ -276,6 +358,8 @@ pub fn pool(
         snapshot: rx,
         poke: poke.clone(),
         rr: AtomicUsize::new(0),
+        policy,
+        retry_budget: RetryBudget::default(),
     };
     let poller = Poller {
         membership,
@@ -290,6 +374,7 @@ pub fn pool(
         was_usable: HashMap::new(),
         slow_polls: HashMap::new(),
         serving: None,
+        registry_connected: None,
     };
     (pool, poller)
 }
@@ -297,6 +382,7 @@ pub fn pool(
 impl Poller {
     /// Polls forever; the server aborts this task when it shuts down.
     pub async fn run(mut self) {
+        let changes = self.membership.changes();
         loop {
             self.round().await;
             tokio::select! {
@@ -305,13 +391,57 @@ impl Poller {
                 _ = self.poke.notified() => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                // Groups joined or left the registry: act now, not at the next interval.
+                _ = async { changes.as_ref()?.notified().await; Some(()) }, if changes.is_some() => {}
             }
         }
     }
 
+    /// Metrics, health (`tandem.discovery`) and logs for the registry's reachability.
+    async fn report_membership(&mut self, n: usize) {
+        self.metrics.member_groups.set(n as i64);
+        let MembershipStatus::Registry { connected, error } = self.membership.status() else {
+            return;
+        };
+        self.metrics.registry_connected.set(i64::from(connected));
+        if self.registry_connected == Some(connected) {
+            return;
+        }
+        self.registry_connected = Some(connected);
+        let status = if connected {
+            tracing::info!(groups = n, "membership registry reachable");
+            tandem_runtime::ServingStatus::Serving
+        } else {
+            tracing::warn!(
+                groups = n,
+                error = error.as_deref().unwrap_or("not connected yet"),
+                "membership registry unreachable: serving from the last known membership"
+            );
+            tandem_runtime::ServingStatus::NotServing
+        };
+        tandem_runtime::set_health(&self.health, &[crate::DISCOVERY_HEALTH], status).await;
+    }
+
     async fn round(&mut self) {
         let endpoints = self.membership.endpoints();
+        self.report_membership(endpoints.len()).await;
+        let before = self.workers.len();
         self.workers.retain(|url, _| endpoints.contains(url));
+        if self.workers.len() < before {
+            // Groups left (deregistered, draining): out of rotation now, before this round's
+            // polls, so no new request goes there meanwhile.
+            let prev = self.tx.borrow().clone();
+            self.tx.send_replace(Arc::new(Snapshot {
+                workers: prev
+                    .workers
+                    .iter()
+                    .filter(|v| endpoints.contains(&v.worker.url))
+                    .cloned()
+                    .collect(),
+                models: prev.models.clone(),
+                polled: prev.polled,
+            }));
+        }
         for url in &endpoints {
             if self.workers.contains_key(url) {
                 continue;
@@ -341,7 +471,7 @@ impl Poller {
         // Per model, over its usable workers: the strictest limits and the replica count.
         let mut limits: HashMap<String, ModelLimits> = HashMap::new();
         for (worker, result) in workers.iter().zip(results) {
-            let (model, load, error) = match result {
+            let (model, load, others, error) = match result {
                 Ok(r) => {
                     let name = model_name(&r.info);
                     let error = match self.texts.get(&name) {
@@ -368,7 +498,7 @@ impl Poller {
                         worker.failed.store(false, Ordering::Relaxed);
                         limits.entry(name.clone()).or_default().add(&r.info);
                     }
-                    (Some(name), r.load, error)
+                    (Some(name), r.load, r.others, error)
                 }
                 Err(e) => {
                     let slow = self.slow_polls.entry(worker.url.clone()).or_default();
@@ -381,9 +511,14 @@ impl Poller {
                         // not a failure yet: keep it on its last known state for one round.
                         Some(v) if e == POLL_TIMED_OUT && *slow < 2 => {
                             tracing::debug!(worker = %worker.url, "slow poll; keeping the last state");
-                            (v.model.clone(), v.load, None)
+                            (v.model.clone(), v.load, v.others, None)
                         }
-                        _ => (None, LoadResponse::default(), Some(e)),
+                        _ => (
+                            None,
+                            LoadResponse::default(),
+                            OthersLoad::default(),
+                            Some(e),
+                        ),
                     }
                 }
             };
@@ -392,6 +527,7 @@ impl Poller {
                 model,
                 load,
                 polled_ok: error.is_none(),
+                others,
             };
             self.log_transition(&worker.url, view.usable(), error.as_deref());
             self.metrics
@@ -592,7 +728,14 @@ async fn poll_worker(w: Arc<Worker>) -> Result<PollResult, String> {
             .await
             .map_err(|s| format!("Load: {}: {}", s.code(), s.message()))?
             .into_inner();
-        Ok(PollResult { info, load })
+        let ours_requests = u64::from(w.outstanding());
+        let ours_tokens = w.cached_tokens.load(Ordering::Relaxed);
+        let others = OthersLoad {
+            requests: (u64::from(load.running) + u64::from(load.waiting))
+                .saturating_sub(ours_requests),
+            tokens: load.kv_tokens.saturating_sub(ours_tokens),
+        };
+        Ok(PollResult { info, load, others })
     };
     tokio::time::timeout(POLL_TIMEOUT, answer)
         .await
@@ -627,6 +770,8 @@ async fn fetch_text(w: &Worker) -> Result<TextModel, String> {
 mod tests {
     use super::*;
 
+    /// A worker whose last `Load` said `running` sequences (of 100 cached tokens each) and
+    /// `waiting` requests, none of them this router's.
     fn view(url: &str, model: &str, running: u32, waiting: u32, max_waiting: u32) -> WorkerView {
         WorkerView {
             worker: Arc::new(Worker::new(url, 1 << 20).unwrap()),
@@ -635,18 +780,25 @@ mod tests {
                 running,
                 waiting,
                 max_waiting,
+                kv_tokens: u64::from(running) * 100,
                 ..Default::default()
             },
             polled_ok: true,
+            others: OthersLoad {
+                requests: u64::from(running + waiting),
+                tokens: u64::from(running) * 100,
+            },
         }
     }
 
-    fn pool_of(workers: Vec<WorkerView>) -> (Pool, Snapshot) {
+    fn pool_of(policy: Policy, workers: Vec<WorkerView>) -> (Pool, Snapshot) {
         let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let pool = Pool {
             snapshot: rx,
             poke: Arc::new(Notify::new()),
             rr: AtomicUsize::new(0),
+            policy,
+            retry_budget: RetryBudget::default(),
         };
         let snap = Snapshot {
             workers,
@@ -660,66 +812,115 @@ mod tests {
         w.map(|w| w.url.clone()).unwrap_or_default()
     }
 
+    fn any() -> RouteKey {
+        RouteKey::default()
+    }
+
     #[tokio::test]
-    async fn picks_least_loaded_with_room() {
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 3, 0, 10),
-            view("http://b:1", "m", 1, 0, 10),
-            view("http://c:1", "other", 0, 0, 10),
-        ]);
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
-        // Our own outstanding requests count too.
-        let leases: Vec<Lease> = (0..3)
-            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics()))
+    async fn least_tokens_prefers_room_and_counts_our_own_requests() {
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 3, 0, 10),
+                view("http://b:1", "m", 1, 0, 10),
+                view("http://c:1", "other", 0, 0, 10),
+            ],
+        );
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
+        // Our own outstanding tokens count too (b: 100 + 3 x 80 of ours > a's 300).
+        let mut leases: Vec<Lease> = (0..3)
+            .map(|_| Lease::new(snap.workers[1].worker.clone(), &test_metrics(), 30, 50))
             .collect();
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://a:1");
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://a:1");
+        // Generated tokens are work done (b: 100 + 3 x 30 < 300).
+        for l in &mut leases {
+            l.progress(50);
+        }
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
+        let b = snap.workers[1].worker.clone();
+        assert_eq!(b.cached_tokens.load(Ordering::Relaxed), 3 * 80);
         drop(leases);
+        assert_eq!(b.outstanding_tokens.load(Ordering::Relaxed), 0);
+        assert_eq!(b.cached_tokens.load(Ordering::Relaxed), 0);
         assert_eq!(
-            url(pool.pick(&snap, "m", &["http://b:1".into()], "")),
+            url(pool.pick(&snap, "m", &["http://b:1".into()], any())),
             "http://a:1"
         );
-        assert!(pool.pick(&snap, "nope", &[], "").is_none());
+        assert!(pool.pick(&snap, "nope", &[], any()).is_none());
         // A full queue loses to one with room, even when less loaded.
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 1, 4, 4),
-            view("http://b:1", "m", 9, 0, 10),
-        ]);
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 1, 4, 4),
+                view("http://b:1", "m", 9, 0, 10),
+            ],
+        );
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
         // When every queue is full, the least loaded is still tried.
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 1, 4, 4),
-            view("http://b:1", "m", 9, 10, 10),
-        ]);
-        assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://a:1");
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 1, 4, 4),
+                view("http://b:1", "m", 9, 10, 10),
+            ],
+        );
+        assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://a:1");
     }
 
     #[tokio::test]
     async fn ties_rotate_and_failed_workers_are_skipped() {
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 0, 0, 10),
-            view("http://b:1", "m", 0, 0, 10),
-        ]);
+        let (pool, snap) = pool_of(
+            Policy::LeastTokens,
+            vec![
+                view("http://a:1", "m", 0, 0, 10),
+                view("http://b:1", "m", 0, 0, 10),
+            ],
+        );
         let picks: Vec<String> = (0..4)
-            .map(|_| url(pool.pick(&snap, "m", &[], "")))
+            .map(|_| url(pool.pick(&snap, "m", &[], any())))
             .collect();
         assert!(picks.contains(&"http://a:1".to_owned()));
         assert!(picks.contains(&"http://b:1".to_owned()));
         pool.mark_failed(&snap.workers[0].worker);
         for _ in 0..4 {
-            assert_eq!(url(pool.pick(&snap, "m", &[], "")), "http://b:1");
+            assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
         }
     }
 
     #[tokio::test]
+    async fn repeated_failures_eject_a_worker_until_a_probe_succeeds() {
+        let (pool, snap) = pool_of(
+            Policy::RoundRobin,
+            vec![
+                view("http://a:1", "m", 0, 0, 10),
+                view("http://b:1", "m", 0, 0, 10),
+            ],
+        );
+        let a = snap.workers[0].worker.clone();
+        for _ in 0..routing::BREAKER_THRESHOLD {
+            Lease::new(a.clone(), &test_metrics(), 1, 1).failed();
+        }
+        // Its health is fine (polled_ok), but it is out of rotation.
+        for _ in 0..4 {
+            assert_eq!(url(pool.pick(&snap, "m", &[], any())), "http://b:1");
+        }
+        assert!(a.breaker.is_open());
+    }
+
+    #[tokio::test]
     async fn sessions_stick_unless_much_busier() {
-        let (pool, snap) = pool_of(vec![
-            view("http://a:1", "m", 0, 0, 10),
-            view("http://b:1", "m", 0, 0, 10),
-            view("http://c:1", "m", 0, 0, 10),
-        ]);
-        let first = url(pool.pick(&snap, "m", &[], "session-42"));
+        let (pool, snap) = pool_of(
+            Policy::Session,
+            vec![
+                view("http://a:1", "m", 0, 0, 10),
+                view("http://b:1", "m", 0, 0, 10),
+                view("http://c:1", "m", 0, 0, 10),
+            ],
+        );
+        let key = RouteKey::new("session-42", &[1, 2, 3]);
+        let first = url(pool.pick(&snap, "m", &[], key));
         for _ in 0..5 {
-            assert_eq!(url(pool.pick(&snap, "m", &[], "session-42")), first);
+            assert_eq!(url(pool.pick(&snap, "m", &[], key)), first);
         }
         let busy: Vec<WorkerView> = snap
             .workers
@@ -727,7 +928,7 @@ mod tests {
             .map(|v| {
                 let mut v = v.clone();
                 if v.worker.url == first {
-                    v.load.running = AFFINITY_SLACK as u32 + 1;
+                    v.others.requests = 5;
                 }
                 v
             })
@@ -737,7 +938,7 @@ mod tests {
             models: BTreeMap::new(),
             polled: true,
         };
-        assert_ne!(url(pool.pick(&snap, "m", &[], "session-42")), first);
+        assert_ne!(url(pool.pick(&snap, "m", &[], key)), first);
     }
 
     fn test_metrics() -> RouterMetrics {

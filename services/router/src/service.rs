@@ -27,13 +27,19 @@ use tandem_runtime::{Drain, InFlight};
 
 use crate::metrics::RouterMetrics;
 use crate::pool::{Lease, ModelView, Pool, Snapshot};
+use crate::routing::RouteKey;
 use crate::validate::{self, effective_limit, RequestError, ValidRequest};
+
+/// Response metadata of `GenerateStream`: the shard endpoint of the group leader that took the
+/// request.
+pub const GROUP_HEADER: &str = "tandem-group-leader";
 
 /// Answer this long before the client's deadline, so the client receives DEADLINE_EXCEEDED
 /// from us rather than giving up on its own (tonic clients then report CANCELLED).
 const DEADLINE_MARGIN: Duration = Duration::from_millis(10);
-/// Worker failures before the first token: one retry on another worker.
-const RETRIES: u32 = 1;
+/// Worker failures before the first token: up to this many retries, each on another worker and
+/// each paid from the pool's retry budget.
+const RETRIES: u32 = 2;
 
 pub type ChunkStream =
     Pin<Box<dyn Stream<Item = Result<GenerateStreamResponse, Status>> + Send + 'static>>;
@@ -155,6 +161,7 @@ struct Prepared {
     deadline: Option<Instant>,
     tried: Vec<String>,
     retries: u32,
+    key: RouteKey,
 }
 
 /// How a worker's refusal is handled.
@@ -254,23 +261,39 @@ impl Shared {
         }
     }
 
+    /// May a request that failed before its first token try another worker? Spends one of
+    /// its own retries and one from the shared budget.
+    fn may_retry(&self, retries: &mut u32) -> bool {
+        if *retries == 0 {
+            return false;
+        }
+        if !self.pool.retry_budget.try_withdraw() {
+            self.metrics.retries_refused.inc();
+            tracing::warn!("retry budget spent: not retrying (many failures right now)");
+            return false;
+        }
+        *retries -= 1;
+        self.metrics.retries.inc();
+        true
+    }
+
     /// Opens the upstream stream on the best worker not tried yet. Queue-full refusals move on
-    /// to the next worker for free; failures spend `retries`.
+    /// to the next worker for free; failures spend `retries` (and the retry budget).
     async fn open(
         &self,
         valid: &ValidRequest,
+        key: RouteKey,
         deadline: Option<Instant>,
         started: Instant,
         tried: &mut Vec<String>,
         retries: &mut u32,
     ) -> Result<Attempt, RequestError> {
         let mut last: Option<RequestError> = None;
+        let prompt_tokens = valid.prompt.len() as u64;
+        let max_new = u64::from(valid.stopping.max_new_tokens.unwrap_or_default());
         loop {
             let snap = self.pool.snapshot();
-            let Some(worker) = self
-                .pool
-                .pick(&snap, &valid.model.name, tried, &valid.session_id)
-            else {
+            let Some(worker) = self.pool.pick(&snap, &valid.model.name, tried, key) else {
                 return Err(last.unwrap_or_else(|| {
                     RequestError::Unavailable(format!(
                         "no worker serving model '{}' is available; retry shortly",
@@ -279,7 +302,7 @@ impl Shared {
                 }));
             };
             tried.push(worker.url.clone());
-            let lease = Lease::new(worker.clone(), &self.metrics);
+            let mut lease = Lease::new(worker.clone(), &self.metrics, prompt_tokens, max_new);
             let mut req = Request::new(Self::upstream_request(valid));
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());
@@ -325,6 +348,7 @@ impl Shared {
                     if matches!(status.code(), Code::Unavailable | Code::Unknown) {
                         self.pool.mark_failed(&worker);
                     }
+                    lease.failed();
                     tracing::warn!(
                         request_id = %valid.request_id,
                         worker = %worker.url,
@@ -337,11 +361,9 @@ impl Shared {
                         worker.url,
                         status.message()
                     ));
-                    if *retries == 0 {
+                    if !self.may_retry(retries) {
                         return Err(err);
                     }
-                    *retries -= 1;
-                    self.metrics.retries.inc();
                     last = Some(err);
                 }
                 Failure::Fatal => {
@@ -371,10 +393,12 @@ impl Shared {
             None => parse.await?,
         };
         self.metrics.prompt_tokens.inc_by(valid.prompt.len() as u64);
+        self.pool.retry_budget.deposit();
+        let key = RouteKey::new(&valid.session_id, &valid.prompt);
         let mut tried = Vec::new();
         let mut retries = RETRIES;
         let first = self
-            .open(&valid, deadline, started, &mut tried, &mut retries)
+            .open(&valid, key, deadline, started, &mut tried, &mut retries)
             .await?;
         tracing::debug!(
             request_id = %valid.request_id,
@@ -388,6 +412,7 @@ impl Shared {
             deadline,
             tried,
             retries,
+            key,
         })
     }
 
@@ -397,7 +422,7 @@ impl Shared {
         req: GenerateRequest,
         deadline: Option<Instant>,
         mut tracker: Tracker,
-    ) -> Result<(String, ChunkStream), Status> {
+    ) -> Result<(String, String, ChunkStream), Status> {
         let size = prost::Message::encoded_len(&req);
         if size > self.cfg.max_message_bytes {
             let e = RequestError::invalid(
@@ -412,7 +437,11 @@ impl Shared {
             return Err(e.into());
         }
         match self.start(req, deadline, tracker.started).await {
-            Ok(p) => Ok((p.valid.model.name.clone(), self.clone().forward(p, tracker))),
+            Ok(p) => Ok((
+                p.valid.model.name.clone(),
+                p.first.lease.worker.url.clone(),
+                self.clone().forward(p, tracker),
+            )),
             Err(e) => {
                 tracker.finish(e.code());
                 Err(e.into())
@@ -429,6 +458,7 @@ impl Shared {
             deadline,
             mut tried,
             mut retries,
+            key,
         } = p;
         Box::pin(async_stream::stream! {
             let started = tracker.started;
@@ -458,8 +488,12 @@ impl Shared {
                 };
                 let err = match next {
                     Ok(Some(msg)) => {
-                        received = true;
                         let n = msg.tokens.len();
+                        attempt.lease.progress(n as u64);
+                        if n > 0 || msg.finish_reason != 0 {
+                            attempt.lease.succeeded();
+                        }
+                        received = true;
                         completion_tokens += n;
                         tracker.tokens(n);
                         let done = msg.finish_reason != 0;
@@ -486,20 +520,21 @@ impl Shared {
                 } else {
                     err
                 };
+                let down = status.code() != Code::DeadlineExceeded
+                    && matches!(classify(&status), Failure::Down);
+                if down {
+                    attempt.lease.failed();
+                }
                 let retry = !received
                     && status.code() != Code::DeadlineExceeded
                     && match classify(&status) {
                         Failure::Overloaded => true,
-                        Failure::Down => retries > 0,
+                        Failure::Down => self.may_retry(&mut retries),
                         Failure::Fatal => false,
                     };
                 if retry {
-                    if !matches!(classify(&status), Failure::Overloaded) {
-                        retries -= 1;
-                        self.metrics.retries.inc();
-                        if matches!(status.code(), Code::Unavailable | Code::Unknown) {
-                            self.pool.mark_failed(&attempt.lease.worker);
-                        }
+                    if down && matches!(status.code(), Code::Unavailable | Code::Unknown) {
+                        self.pool.mark_failed(&attempt.lease.worker);
                     }
                     tracing::warn!(
                         request_id = %valid.request_id,
@@ -508,7 +543,7 @@ impl Shared {
                         status.code(),
                         status.message()
                     );
-                    match self.open(&valid, deadline, started, &mut tried, &mut retries).await {
+                    match self.open(&valid, key, deadline, started, &mut tried, &mut retries).await {
                         Ok(a) => {
                             attempt = a;
                             continue;
@@ -595,7 +630,7 @@ impl Generation for GenerationService {
         let started = Instant::now();
         let deadline = deadline(&request, started, &self.shared.cfg);
         let tracker = Tracker::new(&self.shared, "Generate", started)?;
-        let (model, mut stream) = self
+        let (model, _, mut stream) = self
             .shared
             .generate(request.into_inner(), deadline, tracker)
             .await?;
@@ -628,11 +663,17 @@ impl Generation for GenerationService {
         let started = Instant::now();
         let deadline = deadline(&request, started, &self.shared.cfg);
         let tracker = Tracker::new(&self.shared, "GenerateStream", started)?;
-        let (_, stream) = self
+        let (_, leader, stream) = self
             .shared
             .generate(request.into_inner(), deadline, tracker)
             .await?;
-        Ok(Response::new(stream))
+        let mut response = Response::new(stream);
+        // Which group took the request (before any retry): for debugging and the routing
+        // benchmark's locality count.
+        if let Ok(v) = leader.parse() {
+            response.metadata_mut().insert(GROUP_HEADER, v);
+        }
+        Ok(response)
     }
 
     async fn tokenize(

@@ -2,6 +2,8 @@
 //! router (child processes), then sends the same greedy request straight to the worker (Shard
 //! API) and through the router (public API), alternating which goes first, one at a time, and
 //! reports time to first token and per-token latency of both with their difference.
+//!
+//! `tandem bench routing`: routing policies compared on one set of groups (see `routing.rs`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,6 +34,8 @@ pub enum Bench {
     /// Decode speed with and without speculative decoding (draft model service, n-gram), same
     /// prompts, same run.
     Speculation(crate::bench_spec::SpecArgs),
+    /// Routing policies on prompts that share prefixes: throughput and time to first token.
+    Routing(crate::bench_routing::RoutingArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +65,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Bench::RouterOverhead(a) => router_overhead(a).await,
         Bench::Speculation(a) => crate::bench_spec::run(a).await,
+        Bench::Routing(a) => crate::bench_routing::run(a).await,
     }
 }
 
@@ -263,7 +268,7 @@ async fn via_router(
     clock.sample()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -271,7 +276,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

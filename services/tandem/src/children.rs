@@ -49,6 +49,31 @@ impl Children {
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
             .kill_on_drop(true);
+        self.start(name, cmd, args, env)
+    }
+
+    /// Starts another program (etcd) as a child. It does not watch its stdin: if this process
+    /// is SIGKILLed it stays behind.
+    pub fn spawn_program(
+        &mut self,
+        name: &str,
+        program: &std::path::Path,
+        args: &[String],
+    ) -> anyhow::Result<u32> {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+        self.start(name, cmd, args, &[])
+    }
+
+    /// `env` applies last, over the variables set for every child.
+    fn start(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
+        let exe = cmd.as_std().get_program().to_owned();
         // Children get every setting as a flag; inherited TANDEM_* variables (meant for this
         // process) would otherwise apply to all of them, e.g. one metrics port for every worker.
         for (k, _) in std::env::vars_os() {
@@ -60,9 +85,13 @@ impl Children {
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.envs(env.iter().copied());
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name}: {} {}", exe.display(), args.join(" ")))?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {name}: {} {}",
+                exe.to_string_lossy(),
+                args.join(" ")
+            )
+        })?;
         let pid = child.id().unwrap_or(0);
         let stdin = child.stdin.take();
         self.procs.push(Proc {

@@ -11,6 +11,7 @@
 //! TOML file given by `--config` / `TANDEM_CONFIG` (see `config.rs`), then defaults.
 
 mod bench;
+mod bench_routing;
 mod bench_spec;
 mod children;
 mod config;
@@ -51,6 +52,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the flag structs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve a model as a worker (the shard API that routers call).
@@ -149,6 +152,19 @@ pub struct WorkerArgs {
     /// down to none) or `fixed` (always the most allowed, for comparison) [default: adaptive].
     #[arg(long, value_enum, env = "TANDEM_WORKER_DRAFT_LENGTH")]
     pub draft_length: Option<DraftLength>,
+    /// etcd endpoints, comma separated (http://HOST:2379): the group leader registers there so
+    /// routers find it; ranks of a group without --group-peers meet there [default: none].
+    #[arg(long, env = "TANDEM_WORKER_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
+    #[arg(long, env = "TANDEM_WORKER_CLUSTER")]
+    pub cluster: Option<String>,
+    /// HOST:PORT that routers should dial for this worker [default: the listen address].
+    #[arg(long, env = "TANDEM_WORKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// Group id in etcd [default: derived from the advertise address].
+    #[arg(long, env = "TANDEM_WORKER_GROUP")]
+    pub group: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -185,12 +201,29 @@ impl WorkerArgs {
                 speculation,
                 max_draft_tokens,
                 draft_length,
+                etcd_endpoints,
+                cluster,
+                advertise_address,
+                group,
             ]
         );
     }
 
+    fn discovery(&self) -> Option<tandem_worker::WorkerDiscovery> {
+        let endpoints = self.etcd_endpoints.clone().unwrap_or_default();
+        if endpoints.iter().all(|e| e.trim().is_empty()) {
+            return None;
+        }
+        Some(tandem_worker::WorkerDiscovery {
+            etcd_endpoints: endpoints,
+            cluster: cluster_name(self.cluster.as_deref()),
+            advertise: self.advertise_address.clone(),
+            group: self.group.clone(),
+        })
+    }
+
     /// The group settings: `None` for world size 1 (no group).
-    fn group(&self) -> anyhow::Result<Option<tandem_worker::GroupConfig>> {
+    fn group_config(&self) -> anyhow::Result<Option<tandem_worker::GroupConfig>> {
         let world_size = self.world_size.unwrap_or(1);
         let rank = self.rank.unwrap_or(0);
         anyhow::ensure!(world_size >= 1, "--world-size must be at least 1");
@@ -199,11 +232,21 @@ impl WorkerArgs {
             return Ok(None);
         }
         let peers = self.group_peers.clone().unwrap_or_default();
-        anyhow::ensure!(
-            peers.len() == world_size,
-            "--world-size {world_size} needs --group-peers with {world_size} HOST:PORT addresses (one per rank, rank order; TANDEM_WORKER_GROUP_PEERS or group_peers in the [worker] section), got {}",
-            peers.len()
-        );
+        let etcd = self.discovery().is_some();
+        // No peer list but etcd: the ranks meet through etcd rendezvous keys.
+        let etcd_rendezvous = peers.is_empty() && etcd;
+        if etcd_rendezvous {
+            anyhow::ensure!(
+                self.group.as_deref().is_some_and(|g| !g.trim().is_empty()),
+                "--world-size {world_size} with --etcd-endpoints and no --group-peers: the ranks meet through etcd and need the same --group NAME on every rank (TANDEM_WORKER_GROUP)"
+            );
+        } else {
+            anyhow::ensure!(
+                peers.len() == world_size,
+                "--world-size {world_size} needs --group-peers with {world_size} HOST:PORT addresses (one per rank, rank order; TANDEM_WORKER_GROUP_PEERS or group_peers in the [worker] section), or --etcd-endpoints and --group to meet through etcd; got {} addresses",
+                peers.len()
+            );
+        }
         let peers = peers
             .iter()
             .map(|p| {
@@ -215,6 +258,7 @@ impl WorkerArgs {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut g = tandem_worker::GroupConfig::new(rank, world_size, peers);
+        g.etcd_rendezvous = etcd_rendezvous;
         if let Some(t) = self.group_connect_timeout {
             g.connect_timeout = t.0;
         }
@@ -227,7 +271,8 @@ impl WorkerArgs {
     }
 
     fn into_config(self) -> anyhow::Result<tandem_worker::WorkerConfig> {
-        let group = self.group()?;
+        let group = self.group_config()?;
+        let discovery = self.discovery();
         let model = self.model.context(
             "no model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_WORKER_MODEL, or set model in the [worker] section of the config file",
         )?;
@@ -295,6 +340,7 @@ impl WorkerArgs {
         if let Some(l) = self.draft_length {
             cfg.engine.adaptive_draft = l == DraftLength::Adaptive;
         }
+        cfg.discovery = discovery;
         Ok(cfg)
     }
 }
@@ -333,6 +379,17 @@ pub struct RouterArgs {
     /// How often workers are polled for health and load [default: 1s].
     #[arg(long, env = "TANDEM_ROUTER_POLL_INTERVAL")]
     pub poll_interval: Option<Dur>,
+    /// etcd endpoints, comma separated (http://HOST:2379): groups that register there join and
+    /// leave without a restart (on top of --workers) [default: none].
+    #[arg(long, env = "TANDEM_ROUTER_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
+    #[arg(long, env = "TANDEM_ROUTER_CLUSTER")]
+    pub cluster: Option<String>,
+    /// How a group is picked: least-tokens, prefix (shared prompt prefixes to the same group),
+    /// session (least-tokens plus session-id affinity) or round-robin [default: session].
+    #[arg(long, env = "TANDEM_ROUTER_ROUTING_POLICY")]
+    pub routing_policy: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -355,18 +412,35 @@ impl RouterArgs {
                 drain_grace,
                 request_timeout,
                 poll_interval,
+                etcd_endpoints,
+                cluster,
+                routing_policy,
             ]
         );
     }
 
     fn into_config(self) -> anyhow::Result<tandem_router::RouterConfig> {
         let workers = self.workers.unwrap_or_default();
+        let etcd: Vec<String> = self
+            .etcd_endpoints
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| !e.trim().is_empty())
+            .collect();
         anyhow::ensure!(
-            !workers.is_empty(),
-            "no workers: pass --workers http://HOST:PORT[,...], set TANDEM_ROUTER_WORKERS, or set workers in the [router] section of the config file"
+            !workers.is_empty() || !etcd.is_empty(),
+            "no workers: pass --workers http://HOST:PORT[,...] or --etcd-endpoints http://HOST:2379 (TANDEM_ROUTER_WORKERS / TANDEM_ROUTER_ETCD_ENDPOINTS, or workers / etcd_endpoints in the [router] section of the config file)"
         );
         let listen = self.listen.unwrap_or_else(|| ([0, 0, 0, 0], 50051).into());
         let mut cfg = tandem_router::RouterConfig::new(listen, workers);
+        cfg.etcd_endpoints = etcd;
+        cfg.cluster = cluster_name(self.cluster.as_deref());
+        tandem_discovery::Keys::new(&cfg.cluster).context("--cluster")?;
+        if let Some(p) = &self.routing_policy {
+            cfg.routing_policy = p
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--routing-policy: {e}"))?;
+        }
         cfg.metrics_listen = self.metrics_listen;
         cfg.model_name = self.model_name;
         if let Some(v) = self.max_new_tokens_limit {
@@ -541,6 +615,15 @@ pub struct UpArgs {
     #[arg(long, env = "TANDEM_UP_NO_DRAFT")]
     #[serde(default)]
     pub no_draft: bool,
+    /// Start a local etcd (the `etcd` binary, apt: etcd-server) and let groups register there
+    /// and the router follow it, instead of the static worker list.
+    #[arg(
+        long,
+        env = "TANDEM_UP_ETCD",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub etcd: Option<bool>,
 }
 
 impl UpArgs {
@@ -562,10 +645,19 @@ impl UpArgs {
                 ready_timeout,
                 grace,
                 draft_model,
+                etcd,
             ]
         );
         self.no_draft |= file.no_draft;
     }
+}
+
+/// `--cluster`, or the default cluster.
+fn cluster_name(flag: Option<&str>) -> String {
+    flag.map(str::trim)
+        .filter(|c| !c.is_empty())
+        .unwrap_or(tandem_discovery::DEFAULT_CLUSTER)
+        .to_owned()
 }
 
 fn main() -> ExitCode {
@@ -791,6 +883,87 @@ mod tests {
             e.contains("--model") && e.contains("TANDEM_DRAFT_MODEL"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn discovery_flags_reach_the_configs() {
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "worker",
+            "--model",
+            "/m.gguf",
+            "--etcd-endpoints",
+            "http://e1:2379,e2:2379",
+            "--cluster",
+            "prod",
+            "--advertise-address",
+            "w-0.w:50061",
+            "--group",
+            "g0",
+        ])
+        .unwrap();
+        let Command::Worker(args) = cli.command else {
+            panic!("not the worker subcommand");
+        };
+        let d = args.into_config().unwrap().discovery.unwrap();
+        assert_eq!(d.etcd_endpoints, vec!["http://e1:2379", "e2:2379"]);
+        assert_eq!(d.cluster, "prod");
+        assert_eq!(d.advertise.as_deref(), Some("w-0.w:50061"));
+        assert_eq!(d.group.as_deref(), Some("g0"));
+        let plain = WorkerArgs {
+            model: Some("/m".into()),
+            ..Default::default()
+        };
+        assert!(plain.into_config().unwrap().discovery.is_none());
+
+        // etcd alone is enough for a router; the cluster defaults to "default".
+        let cli =
+            Cli::try_parse_from(["tandem", "router", "--etcd-endpoints", "http://e:2379"]).unwrap();
+        let Command::Router(args) = cli.command else {
+            panic!("not the router subcommand");
+        };
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.etcd_endpoints, vec!["http://e:2379"]);
+        assert_eq!(cfg.cluster, "default");
+        assert!(cfg.workers.is_empty());
+        assert_eq!(cfg.routing_policy, tandem_router::Policy::Session);
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "router",
+            "--workers",
+            "w:1",
+            "--routing-policy",
+            "prefix",
+        ])
+        .unwrap();
+        let Command::Router(args) = cli.command else {
+            panic!("not the router subcommand");
+        };
+        assert_eq!(
+            args.into_config().unwrap().routing_policy,
+            tandem_router::Policy::Prefix
+        );
+        let e = format!(
+            "{:#}",
+            RouterArgs {
+                workers: Some(vec!["w:1".into()]),
+                routing_policy: Some("fastest".into()),
+                ..Default::default()
+            }
+            .into_config()
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("--routing-policy") && e.contains("round-robin"),
+            "{e}"
+        );
+        let bad = RouterArgs {
+            etcd_endpoints: Some(vec!["http://e:2379".into()]),
+            cluster: Some("a/b".into()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", bad.into_config().unwrap_err());
+        assert!(e.contains("--cluster") && e.contains("ASCII"), "{e}");
     }
 
     #[test]

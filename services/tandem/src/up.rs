@@ -52,6 +52,20 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(tp >= 1, "--tp must be at least 1");
 
     let mut children = Children::default();
+    // Stopped after the others, so groups can deregister on their way out.
+    let mut etcd_children = Children::default();
+    let etcd = if args.etcd.unwrap_or(false) {
+        let e = start_etcd(&mut etcd_children, ready_timeout).await;
+        match e {
+            Ok(e) => Some(e),
+            Err(e) => {
+                etcd_children.stop(grace).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     // All ranks share this machine's cores: give each worker process its share of threads
     // (candle and rayon read RAYON_NUM_THREADS). Without it, 2 ranks x 2 threads on 2 cores
     // spin against each other in candle's barrier pool and decode ~5x slower than one rank.
@@ -115,6 +129,14 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
                 a.push("--metrics-listen".to_owned());
                 a.push(metrics_addr.to_string());
                 push_opt(&mut a, "--draft-endpoint", draft_url.as_deref());
+                if let Some(e) = &etcd {
+                    a.extend([
+                        "--etcd-endpoints".to_owned(),
+                        e.endpoint.clone(),
+                        "--advertise-address".to_owned(),
+                        addr.to_string(),
+                    ]);
+                }
             }
             if tp > 1 {
                 a.extend([
@@ -153,11 +175,14 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
         "router".to_owned(),
         "--listen".to_owned(),
         listen.to_string(),
-        "--workers".to_owned(),
-        worker_urls.join(","),
         "--metrics-listen".to_owned(),
         router_metrics.to_string(),
     ];
+    match &etcd {
+        // Groups join through etcd, as in a real deployment.
+        Some(e) => a.extend(["--etcd-endpoints".to_owned(), e.endpoint.clone()]),
+        None => a.extend(["--workers".to_owned(), worker_urls.join(",")]),
+    }
     if log_json {
         a.push("--log-json".to_owned());
     }
@@ -175,6 +200,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     };
     if let Err(e) = ready {
         children.stop(grace).await;
+        etcd_children.stop(grace).await;
         if tp > 1 {
             return Err(e.context(format!(
                 "starting groups of {tp} ranks (if the model's heads do not divide by {tp}, pass --tp 1 or a divisor)"
@@ -182,7 +208,15 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
         }
         return Err(e);
     }
-    print_banner(listen, &model, draft.as_deref(), n, tp, &metrics);
+    print_banner(
+        listen,
+        &model,
+        draft.as_deref(),
+        n,
+        tp,
+        &metrics,
+        etcd.as_ref().map(|e| e.endpoint.as_str()),
+    );
 
     let code = tokio::select! {
         _ = tandem_runtime::shutdown_signal() => {
@@ -196,10 +230,87 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
             );
             ExitCode::FAILURE
         }
+        (name, status) = etcd_children.first_exit() => {
+            eprintln!(
+                "tandem up: {name} exited unexpectedly ({}); stopping the others",
+                children::describe(status)
+            );
+            ExitCode::FAILURE
+        }
     };
     children.stop(grace).await;
+    etcd_children.stop(grace).await;
+    if let Some(e) = &etcd {
+        let _ = std::fs::remove_dir_all(&e.data_dir);
+    }
     eprintln!("tandem up: stopped");
     Ok(code)
+}
+
+/// The local etcd of `up --etcd`.
+struct LocalEtcd {
+    endpoint: String,
+    data_dir: PathBuf,
+}
+
+/// Starts etcd on free loopback ports with a fresh data folder and waits until it answers.
+async fn start_etcd(children: &mut Children, timeout: Duration) -> anyhow::Result<LocalEtcd> {
+    let bin = std::env::var_os("TANDEM_ETCD_BIN")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join("etcd"))
+                .find(|p| p.is_file())
+        })
+        .context(
+            "--etcd needs the etcd binary on PATH (or TANDEM_ETCD_BIN): install it with \
+             `apt-get install etcd-server`, or run without --etcd (static worker list)",
+        )?;
+    let client = children::free_port()?;
+    let peer = children::free_port()?;
+    let data_dir = std::env::temp_dir().join(format!("tandem-up-etcd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let endpoint = format!("http://{client}");
+    let peer_url = format!("http://{peer}");
+    let args = [
+        "--name",
+        "tandem-up",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        &endpoint,
+        "--advertise-client-urls",
+        &endpoint,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("tandem-up={peer_url}"),
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+    ]
+    .map(str::to_owned);
+    let pid = children.spawn_program("etcd", &bin, &args)?;
+    tracing::info!(pid, %endpoint, data = %data_dir.display(), "started etcd");
+    let registry = tandem_discovery::Registry::etcd(std::slice::from_ref(&endpoint)).await?;
+    let ready = async {
+        while registry.list("/tandem/").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = ready => {}
+        (name, status) = children.first_exit() => anyhow::bail!(
+            "{name} exited during startup ({}); see its log above",
+            children::describe(status)
+        ),
+        _ = tokio::time::sleep(timeout) => anyhow::bail!("etcd at {endpoint} did not answer within {timeout:?}"),
+    }
+    Ok(LocalEtcd { endpoint, data_dir })
 }
 
 fn push_opt<T: ToString>(args: &mut Vec<String>, flag: &str, v: Option<T>) {
@@ -223,6 +334,7 @@ fn print_banner(
     n: usize,
     tp: usize,
     metrics: &[(String, std::net::SocketAddr)],
+    etcd: Option<&str>,
 ) {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -240,6 +352,11 @@ fn print_banner(
         None => out.push_str("  no draft service (plain decoding by default)\n"),
     }
     out.push_str(&format!("  gRPC API (tandem.v1.Generation): {listen}\n"));
+    if let Some(e) = etcd {
+        out.push_str(&format!(
+            "  etcd (groups under /tandem/v1/default/groups/): {e}\n"
+        ));
+    }
     for (name, addr) in metrics {
         out.push_str(&format!("  metrics ({name}): http://{addr}/metrics\n"));
     }

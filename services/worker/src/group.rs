@@ -34,8 +34,12 @@ pub struct GroupConfig {
     pub rank: usize,
     pub world_size: usize,
     /// Where each rank's collective listener binds (`peers[rank]` is this process's), in rank
-    /// order; the same list on every rank.
+    /// order; the same list on every rank. Empty with `etcd_rendezvous`.
     pub peers: Vec<SocketAddr>,
+    /// Meet the other ranks through etcd (`rendezvous/<group>/<rank>` keys, with the cluster,
+    /// group and advertise address of [`crate::WorkerConfig::discovery`]) instead of `peers`:
+    /// each rank listens on a free port of its gRPC listen address and publishes it.
+    pub etcd_rendezvous: bool,
     /// How long the rendezvous waits for every rank to be reachable.
     pub connect_timeout: Duration,
     /// Socket timeout once loaded: a rank silent this long mid-step fails the group.
@@ -48,6 +52,7 @@ impl GroupConfig {
             rank,
             world_size,
             peers,
+            etcd_rendezvous: false,
             connect_timeout: tandem_collective::tcp::DEFAULT_CONNECT_TIMEOUT,
             io_timeout: tandem_collective::tcp::DEFAULT_IO_TIMEOUT,
         }
@@ -62,7 +67,9 @@ impl GroupConfig {
             self.world_size
         );
         anyhow::ensure!(
-            self.world_size == 1 || self.peers.len() == self.world_size,
+            self.world_size == 1
+                || self.peers.len() == self.world_size
+                || (self.etcd_rendezvous && self.peers.is_empty()),
             "world size {} needs {} group peer addresses (one per rank, rank order), got {}",
             self.world_size,
             self.world_size,
@@ -76,16 +83,79 @@ impl GroupConfig {
     }
 }
 
-/// Connects to the group, loads this rank's shard, and waits for every rank to have loaded.
-pub(crate) fn join_group(
+/// A joined group: the model shard, the communicator, and (with etcd rendezvous) this rank's
+/// rendezvous key, kept for the group's life.
+pub(crate) struct Joined {
+    pub model: Model,
+    pub comm: Arc<dyn Communicator>,
+    pub rendezvous: Option<tandem_discovery::Rendezvous>,
+}
+
+/// This rank's collective listener and every rank's address: from `peers`, or through etcd.
+/// Runs on a blocking thread of the runtime (etcd calls go through its handle).
+fn meet(
     cfg: &WorkerConfig,
     g: &GroupConfig,
-) -> anyhow::Result<(Model, Arc<dyn Communicator>)> {
+) -> anyhow::Result<(
+    std::net::TcpListener,
+    Vec<SocketAddr>,
+    Option<tandem_discovery::Rendezvous>,
+)> {
+    if !g.etcd_rendezvous {
+        let listener = std::net::TcpListener::bind(g.peers[g.rank])
+            .with_context(|| format!("binding the collective address {}", g.peers[g.rank]))?;
+        return Ok((listener, g.peers.clone(), None));
+    }
+    let d = cfg
+        .discovery
+        .as_ref()
+        .context("rendezvous through etcd needs --etcd-endpoints (or pass --group-peers)")?;
+    let group = d.group.clone().context(
+        "ranks that meet through etcd need the same --group NAME on every rank of the group",
+    )?;
+    let listener = std::net::TcpListener::bind((cfg.listen.ip(), 0))
+        .with_context(|| format!("binding a collective port on {}", cfg.listen.ip()))?;
+    let port = listener.local_addr()?.port();
+    let advertise = crate::advertise_address(d, cfg.listen);
+    let host = advertise
+        .rsplit_once(':')
+        .map_or(advertise.as_str(), |(h, _)| h);
+    let me = tandem_discovery::RendezvousRecord {
+        version: tandem_discovery::RECORD_VERSION,
+        rank: g.rank as u32,
+        world_size: g.world_size as u32,
+        address: format!("{host}:{port}"),
+        nccl_unique_id: None,
+    };
+    tracing::info!(group = %group, rank = g.rank, address = %me.address,
+        "meeting the other ranks through etcd");
+    let keys = tandem_discovery::Keys::new(&d.cluster)?;
+    let rv = tokio::runtime::Handle::current().block_on(async {
+        let registry = tandem_discovery::Registry::etcd(&d.etcd_endpoints).await?;
+        tandem_discovery::rendezvous(&registry, &keys, &group, me, g.connect_timeout).await
+    })?;
+    let peers = rv
+        .addresses()
+        .iter()
+        .map(|a| {
+            use std::net::ToSocketAddrs as _;
+            a.to_socket_addrs()
+                .with_context(|| format!("resolving rank address {a} from etcd"))?
+                .next()
+                .with_context(|| format!("rank address {a} resolves to no address"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((listener, peers, Some(rv)))
+}
+
+/// Connects to the group, loads this rank's shard, and waits for every rank to have loaded.
+pub(crate) fn join_group(cfg: &WorkerConfig, g: &GroupConfig) -> anyhow::Result<Joined> {
     g.validate()?;
+    let (listener, peers, rendezvous) = meet(cfg, g)?;
     tracing::info!(
         rank = g.rank,
         world_size = g.world_size,
-        listen = %g.peers[g.rank],
+        listen = %peers[g.rank],
         "joining the tensor-parallel group"
     );
     let opts = TcpOptions {
@@ -94,7 +164,7 @@ pub(crate) fn join_group(
         ..TcpOptions::default()
     };
     let tcp = Arc::new(
-        TcpCommunicator::connect_with(g.rank, g.world_size, &g.peers, &opts)
+        TcpCommunicator::with_listener(g.rank, g.world_size, listener, &peers, &opts)
             .context("connecting to the tensor-parallel group")?,
     );
     let comm: Arc<dyn Communicator> = tcp.clone();
@@ -117,7 +187,11 @@ pub(crate) fn join_group(
         .context("waiting for every rank of the group to load its shard")?;
     tcp.set_io_timeout(Some(g.io_timeout))
         .context("setting the group's I/O timeout")?;
-    Ok((model, comm))
+    Ok(Joined {
+        model,
+        comm,
+        rendezvous,
+    })
 }
 
 /// A follower rank: health only, the follower loop on a blocking thread.
@@ -152,7 +226,11 @@ pub(crate) async fn spawn_follower(
 
     let (loaded_tx, loaded_rx) = oneshot::channel::<Result<(), String>>();
     let run = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let (model, comm) = match join_group(&cfg, &g) {
+        let Joined {
+            model,
+            comm,
+            rendezvous: _rendezvous,
+        } = match join_group(&cfg, &g) {
             Ok(x) => x,
             Err(e) => {
                 let e = format!("{e:#}");

@@ -79,6 +79,19 @@ pub struct WorkerConfig {
     pub group: Option<GroupConfig>,
     /// A draft service to pair with (speculative decoding); only the group leader uses it.
     pub draft: Option<DraftClientConfig>,
+    /// Register the group in etcd (leaders only); `None`: routers find it by a static list.
+    pub discovery: Option<WorkerDiscovery>,
+}
+
+/// Where and as what a group leader registers: `/tandem/v1/<cluster>/groups/<model>/<group>`.
+#[derive(Debug, Clone)]
+pub struct WorkerDiscovery {
+    pub etcd_endpoints: Vec<String>,
+    pub cluster: String,
+    /// `host:port` that routers dial; `None`: the bound gRPC address.
+    pub advertise: Option<String>,
+    /// Group id; `None`: derived from the advertise address.
+    pub group: Option<String>,
 }
 
 impl WorkerConfig {
@@ -97,6 +110,7 @@ impl WorkerConfig {
             drain_grace: Duration::from_secs(30),
             group: None,
             draft: None,
+            discovery: None,
         }
     }
 
@@ -122,6 +136,8 @@ pub(crate) struct Loaded {
     pub tp_size: usize,
     /// The paired draft service's client counters, when one is configured.
     pub draft_stats: Option<Arc<DraftClientStats>>,
+    /// This rank's rendezvous key in etcd, held while the group lives.
+    pub _rendezvous: Option<tandem_discovery::Rendezvous>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,7 +254,12 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
     let loader = tokio::spawn(load(cfg.clone(), loaded.clone()));
 
     let (stop, stop_rx) = watch::channel(false);
+    let discovery = match &cfg.discovery {
+        Some(d) => Some(Discovery::new(d, addr, &cfg).await?),
+        None => None,
+    };
     let task = tokio::spawn(supervise(Supervisor {
+        discovery,
         health,
         drain,
         grace: cfg.drain_grace,
@@ -287,15 +308,20 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         max_context: cfg.max_context,
         ..Default::default()
     };
-    let (model, comm, tp_size) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
+    let (model, comm, tp_size, rendezvous) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
         Some(g) => {
-            let (model, comm) = group::join_group(cfg, g)?;
-            (model, Some(comm), g.world_size)
+            let joined = group::join_group(cfg, g)?;
+            (
+                joined.model,
+                Some(joined.comm),
+                g.world_size,
+                joined.rendezvous,
+            )
         }
         None => {
             let model = Model::load(&cfg.model, &opts)
                 .with_context(|| format!("loading the model {}", cfg.model.display()))?;
-            (model, None, 1)
+            (model, None, 1, None)
         }
     };
     let (draft_model, draft_stats) = match &cfg.draft {
@@ -328,6 +354,7 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         engine,
         tp_size,
         draft_stats,
+        _rendezvous: rendezvous,
     };
     warm_up(&loaded.engine);
     Ok(loaded)
@@ -353,7 +380,101 @@ fn warm_up(engine: &Engine) {
     }
 }
 
+/// The `host:port` others dial for this process: `--advertise-address`, else the bound address
+/// (loopback when it is 0.0.0.0, with a warning).
+pub(crate) fn advertise_address(d: &WorkerDiscovery, bound: SocketAddr) -> String {
+    match &d.advertise {
+        Some(a) => a.trim().to_owned(),
+        None if bound.ip().is_unspecified() => {
+            // 0.0.0.0 is no address to dial; loopback only works on this machine.
+            let a = SocketAddr::from(([127, 0, 0, 1], bound.port())).to_string();
+            tracing::warn!(listen = %bound, advertise = %a,
+                "listening on all interfaces without --advertise-address: advertising \
+                 loopback, which only processes on this machine can reach");
+            a
+        }
+        None => bound.to_string(),
+    }
+}
+
+/// A leader's registration in etcd: made once the model is loaded (SERVING), removed before
+/// the drain (and when the group fails), so routers stop sending new work at once.
+struct Discovery {
+    registry: tandem_discovery::Registry,
+    key: String,
+    record: tandem_discovery::GroupRecord,
+    registration: Option<tandem_discovery::Registration>,
+}
+
+impl Discovery {
+    async fn new(
+        d: &WorkerDiscovery,
+        bound: SocketAddr,
+        cfg: &WorkerConfig,
+    ) -> anyhow::Result<Self> {
+        let keys = tandem_discovery::Keys::new(&d.cluster)?;
+        let advertise = advertise_address(d, bound);
+        anyhow::ensure!(
+            !advertise.is_empty(),
+            "--advertise-address is empty: pass the HOST:PORT routers should dial"
+        );
+        let group = d
+            .group
+            .clone()
+            .unwrap_or_else(|| tandem_discovery::group_id_from_address(&advertise));
+        let model = cfg.resolved_model_name();
+        let leader = if advertise.contains("://") {
+            advertise
+        } else {
+            format!("http://{advertise}")
+        };
+        let registry = tandem_discovery::Registry::etcd(&d.etcd_endpoints)
+            .await
+            .context("setting up the etcd client")?;
+        Ok(Self {
+            registry,
+            key: keys.group(&model, &group),
+            record: tandem_discovery::GroupRecord {
+                version: tandem_discovery::RECORD_VERSION,
+                model,
+                group,
+                leader,
+                tp_size: cfg.group.as_ref().map_or(1, |g| g.world_size) as u32,
+                tokenizer_hash: String::new(),
+                capacity: cfg.engine.max_running as u32,
+            },
+            registration: None,
+        })
+    }
+
+    fn register(&mut self, loaded: Option<&Loaded>) {
+        if let Some(l) = loaded {
+            self.record.tokenizer_hash = l.vocab_hash.clone();
+        }
+        match self.registry.register(&self.key, &self.record) {
+            Ok(r) => {
+                tracing::info!(key = %self.key, leader = %self.record.leader, "registering in etcd");
+                self.registration = Some(r);
+            }
+            Err(e) => tracing::error!(key = %self.key, error = %e, "cannot register in etcd"),
+        }
+    }
+
+    async fn deregister(&mut self) {
+        if let Some(r) = self.registration.take() {
+            match tokio::time::timeout(Duration::from_secs(5), r.deregister()).await {
+                Ok(Ok(())) => tracing::info!(key = %self.key, "deregistered from etcd"),
+                Ok(Err(e)) => tracing::warn!(key = %self.key, error = %e,
+                    "deregistering failed; the key expires with its lease"),
+                Err(_) => tracing::warn!(key = %self.key,
+                    "deregistering timed out; the key expires with its lease"),
+            }
+        }
+    }
+}
+
 struct Supervisor {
+    discovery: Option<Discovery>,
     health: HealthReporter,
     drain: Drain,
     grace: Duration,
@@ -397,6 +518,9 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
             set_health(&s.health, &[SHARD_SERVICE], ServingStatus::Serving).await;
             s.state.send_replace(LoadState::Ready);
             tracing::info!("serving");
+            if let Some(d) = s.discovery.as_mut() {
+                d.register(s.loaded.get());
+            }
             // A tensor-parallel group whose rank died cannot serve again: report NOT_SERVING so
             // routers stop sending here, and stay up (saying why) until stopped.
             let mut poll = tokio::time::interval(GROUP_POLL);
@@ -420,6 +544,9 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
                         .load(std::sync::atomic::Ordering::SeqCst)
                 });
                 if group_failed {
+                    if let Some(d) = s.discovery.as_mut() {
+                        d.deregister().await;
+                    }
                     set_health(&s.health, &[SHARD_SERVICE], ServingStatus::NotServing).await;
                     tracing::error!(
                         "a rank of this tensor-parallel group failed; reporting NOT_SERVING \
@@ -430,6 +557,10 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
         }
     }
 
+    // Leave the registry first: routers stop sending new requests as soon as they see it.
+    if let Some(d) = s.discovery.as_mut() {
+        d.deregister().await;
+    }
     set_health(&s.health, &[SHARD_SERVICE], ServingStatus::NotServing).await;
     if server_done.is_none() {
         tracing::info!(
