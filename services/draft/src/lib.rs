@@ -74,6 +74,17 @@ pub struct DraftConfig {
     pub max_concurrent_streams: u32,
     /// How long calls in flight may take to finish once shutdown begins.
     pub drain_grace: Duration,
+    /// Register in etcd once loaded (`drafts/<model>/<id>`), deregister before draining.
+    pub discovery: Option<DraftDiscovery>,
+}
+
+/// Where and as what the draft registers.
+#[derive(Debug, Clone)]
+pub struct DraftDiscovery {
+    pub etcd_endpoints: Vec<String>,
+    pub cluster: String,
+    /// `host:port` that verifiers dial; `None`: the bound gRPC address.
+    pub advertise: Option<String>,
 }
 
 impl DraftConfig {
@@ -90,6 +101,7 @@ impl DraftConfig {
             max_message_bytes: 4 << 20,
             max_concurrent_streams: 1024,
             drain_grace: Duration::from_secs(30),
+            discovery: None,
         }
     }
 
@@ -171,6 +183,10 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
         .await
         .with_context(|| format!("binding the gRPC port {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let registered = match &cfg.discovery {
+        Some(d) => Some(Registered::new(d, addr, &cfg.resolved_model_name()).await?),
+        None => None,
+    };
     let registry = MetricsRegistry::new();
     let metrics = DraftMetrics::new(&registry);
     let metrics_server = match cfg.metrics_listen {
@@ -212,6 +228,7 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
         let load_metrics = metrics.clone();
         let loader = tokio::task::spawn_blocking(move || load(&load_cfg, load_metrics));
         let result = supervise(Supervisor {
+            registered,
             health,
             drain,
             grace: cfg.drain_grace,
@@ -278,7 +295,71 @@ fn load(cfg: &DraftConfig, metrics: DraftMetrics) -> anyhow::Result<Loaded> {
     Ok(Loaded { core, info })
 }
 
+/// The draft's registration in etcd: made once loaded, removed before the drain.
+struct Registered {
+    registry: tandem_discovery::Registry,
+    key: String,
+    address: String,
+    registration: Option<tandem_discovery::Registration>,
+}
+
+impl Registered {
+    async fn new(d: &DraftDiscovery, bound: SocketAddr, model: &str) -> anyhow::Result<Self> {
+        let keys = tandem_discovery::Keys::new(&d.cluster)?;
+        let advertise = d
+            .advertise
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .unwrap_or_else(|| bound.to_string());
+        let id = tandem_discovery::group_id_from_address(&advertise);
+        let address = if advertise.contains("://") {
+            advertise
+        } else {
+            format!("http://{advertise}")
+        };
+        let registry = tandem_discovery::Registry::etcd(&d.etcd_endpoints)
+            .await
+            .context("setting up the etcd client")?;
+        Ok(Self {
+            registry,
+            key: keys.draft(model, &id),
+            address,
+            registration: None,
+        })
+    }
+
+    fn register(&mut self, info: &InfoResponse) {
+        let id = self.key.rsplit('/').next().unwrap_or_default().to_owned();
+        let record = tandem_discovery::DraftRecord {
+            version: tandem_discovery::RECORD_VERSION,
+            model: info.model.clone(),
+            id,
+            address: self.address.clone(),
+            tokenizer_hash: info.tokenizer_hash.clone(),
+        };
+        match self.registry.register(&self.key, &record) {
+            Ok(r) => {
+                tracing::info!(key = %self.key, address = %self.address, "registering in etcd");
+                self.registration = Some(r);
+            }
+            Err(e) => tracing::error!(key = %self.key, error = %e, "cannot register in etcd"),
+        }
+    }
+
+    async fn deregister(&mut self) {
+        if let Some(r) = self.registration.take() {
+            match tokio::time::timeout(Duration::from_secs(5), r.deregister()).await {
+                Ok(Ok(())) => tracing::info!(key = %self.key, "deregistered from etcd"),
+                _ => {
+                    tracing::warn!(key = %self.key, "deregistering failed; the key expires with its lease")
+                }
+            }
+        }
+    }
+}
+
 struct Supervisor {
+    registered: Option<Registered>,
     health: tandem_runtime::HealthReporter,
     drain: Drain,
     grace: Duration,
@@ -314,6 +395,9 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
         First::ServerExited(r) => server_done = Some(r),
         First::Loaded(Ok(l)) => {
             // Set once, here; nothing else writes it.
+            if let Some(r) = s.registered.as_mut() {
+                r.register(&l.info);
+            }
             let _ = s.loaded.set(l);
             set_health(&s.health, &[DRAFTER_SERVICE], ServingStatus::Serving).await;
             s.state.send_replace(LoadState::Ready);
@@ -331,6 +415,10 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
         }
     }
 
+    // Verifiers stop picking this draft first, then the drain.
+    if let Some(r) = s.registered.as_mut() {
+        r.deregister().await;
+    }
     set_health(&s.health, &[DRAFTER_SERVICE], ServingStatus::NotServing).await;
     if server_done.is_none() {
         tracing::info!(in_flight = s.drain.in_flight(), "draining");

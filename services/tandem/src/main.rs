@@ -503,6 +503,16 @@ pub struct DraftArgs {
     /// How long SIGTERM waits for calls in flight [default: 30s].
     #[arg(long, env = "TANDEM_DRAFT_DRAIN_GRACE")]
     pub drain_grace: Option<Dur>,
+    /// etcd endpoints, comma separated: the draft registers under
+    /// /tandem/v1/<cluster>/drafts/<model>/<id> while it serves [default: none].
+    #[arg(long, env = "TANDEM_DRAFT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Cluster name for the etcd keys [default: default].
+    #[arg(long, env = "TANDEM_DRAFT_CLUSTER")]
+    pub cluster: Option<String>,
+    /// HOST:PORT that verifiers should dial [default: the listen address].
+    #[arg(long, env = "TANDEM_DRAFT_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -526,11 +536,22 @@ impl DraftArgs {
                 max_kv_tokens,
                 max_message_bytes,
                 drain_grace,
+                etcd_endpoints,
+                cluster,
+                advertise_address,
             ]
         );
     }
 
     fn into_config(self) -> anyhow::Result<tandem_draft::DraftConfig> {
+        let endpoints = self.etcd_endpoints.clone().unwrap_or_default();
+        let discovery = (!endpoints.iter().all(|e| e.trim().is_empty())).then(|| {
+            tandem_draft::DraftDiscovery {
+                etcd_endpoints: endpoints,
+                cluster: cluster_name(self.cluster.as_deref()),
+                advertise: self.advertise_address.clone(),
+            }
+        });
         let model = self.model.context(
             "no draft model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_DRAFT_MODEL, or set model in the [draft] section of the config file",
         )?;
@@ -560,6 +581,7 @@ impl DraftArgs {
         if let Some(v) = self.drain_grace {
             cfg.drain_grace = v.0;
         }
+        cfg.discovery = discovery;
         Ok(cfg)
     }
 }
