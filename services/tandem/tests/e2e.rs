@@ -768,7 +768,15 @@ async fn dropped_stream_frees_the_sequence_and_deadlines_hold() {
             }
         };
         let took = started.elapsed();
-        assert_eq!(err.code(), Code::DeadlineExceeded, "unary={unary}: {err:?}");
+        // tonic's client enforces the same grpc-timeout: under load its own timer can fire
+        // first (CANCELLED "Timeout expired") before the router's DEADLINE_EXCEEDED arrives.
+        // Either way the deadline held; that the worker freed the sequence is checked below.
+        let client_timer =
+            err.code() == Code::Cancelled && err.message().contains("Timeout expired");
+        assert!(
+            err.code() == Code::DeadlineExceeded || client_timer,
+            "unary={unary}: {err:?}"
+        );
         assert!(took < Duration::from_secs(2), "took {took:?}");
         let start = Instant::now();
         loop {
