@@ -138,11 +138,32 @@ impl Children {
     }
 }
 
-/// A port free on 127.0.0.1 right now. Another process may take it before the child binds it;
-/// the child then fails to start and the caller reports which one.
+/// Ports this process handed out or was told are taken: the OS may offer a just-released port
+/// again, and no child may be given a port another child (or the user's --listen) will bind.
+static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks a port as taken (e.g. the router's configured address) so `free_port` never offers it.
+pub fn reserve(port: u16) {
+    if let Ok(mut t) = TAKEN.lock() {
+        t.push(port);
+    }
+}
+
+/// A port free on 127.0.0.1 right now and not handed out before. Another process may take it
+/// before the child binds it; the child then fails to start and the caller reports which one.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
+    for _ in 0..64 {
+        let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let addr = l.local_addr()?;
+        let mut taken = TAKEN
+            .lock()
+            .map_err(|_| anyhow::anyhow!("port registry poisoned"))?;
+        if !taken.contains(&addr.port()) {
+            taken.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no free port found that was not handed out already")
 }
 
 /// Waits until the router at `addr` reports SERVING on grpc.health.v1, or a child exits, or

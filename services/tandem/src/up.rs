@@ -45,6 +45,10 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     let listen = args
         .listen
         .unwrap_or_else(|| ([127, 0, 0, 1], 50051).into());
+    children::reserve(listen.port());
+    if let Some(m) = args.metrics_listen {
+        children::reserve(m.port());
+    }
     let grace = args.grace.map_or(Duration::from_secs(10), |d| d.0);
     let ready_timeout = args.ready_timeout.map_or(Duration::from_secs(600), |d| d.0);
 
