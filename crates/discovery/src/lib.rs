@@ -54,7 +54,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use keys::{group_id_from_address, Keys, DEFAULT_CLUSTER};
-pub use records::{parse_record, GroupRecord, RendezvousRecord, RECORD_VERSION};
+pub use records::{parse_record, DraftRecord, GroupRecord, RendezvousRecord, RECORD_VERSION};
 pub use rendezvous::{rendezvous, Rendezvous};
 
 /// Lease TTL of registrations: an instance that dies silently disappears after this long.

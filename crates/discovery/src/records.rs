@@ -26,6 +26,20 @@ pub struct GroupRecord {
     pub capacity: u32,
 }
 
+/// `drafts/<model>/<id>`: a draft service (speculative decoding) that verifiers may pair with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftRecord {
+    pub version: u32,
+    /// The draft model's name (its `Info.model`).
+    pub model: String,
+    /// The instance id (the last key segment).
+    pub id: String,
+    /// The Drafter endpoint, `http://host:port`.
+    pub address: String,
+    /// Vocabulary hash: verifiers pair only with a draft that shares their tokenizer.
+    pub tokenizer_hash: String,
+}
+
 /// `rendezvous/<group>/<rank>`: how the other ranks of a tensor-parallel group reach this one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RendezvousRecord {

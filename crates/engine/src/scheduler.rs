@@ -83,6 +83,11 @@ pub struct EngineStats {
     /// speculation, and the speedup it predicted for the last step that drafted (× 1000).
     pub spec_skipped_steps: AtomicU64,
     pub spec_predicted_speedup_milli: AtomicU64,
+    /// Sum (× 1000) and count of the predicted speedups of the steps that drafted.
+    pub spec_predicted_sum_milli: AtomicU64,
+    pub spec_planned_steps: AtomicU64,
+    /// The cost model's estimates, refreshed every few dozen steps.
+    pub spec_costs: std::sync::Mutex<crate::speculate::CostSummary>,
 }
 
 enum Command {
@@ -539,9 +544,15 @@ impl Scheduler {
             self.costs
                 .plan(decoding.len() + prefill, decoding.len(), &cands)
         } else {
+            let ks: Vec<usize> = cands.iter().map(|c| c.max_k).collect();
             crate::speculate::Plan {
-                ks: cands.iter().map(|c| c.max_k).collect(),
-                predicted_speedup: 1.0,
+                predicted_speedup: self.costs.predict(
+                    decoding.len() + prefill,
+                    decoding.len(),
+                    &cands,
+                    &ks,
+                ),
+                ks,
             }
         };
         let mut ks = plan.ks;
@@ -567,10 +578,22 @@ impl Scheduler {
                 .fetch_add(1, Ordering::Relaxed);
             return drafts;
         }
-        self.stats.spec_predicted_speedup_milli.store(
-            (plan.predicted_speedup * 1000.0).round() as u64,
-            Ordering::Relaxed,
-        );
+        let milli = (plan.predicted_speedup * 1000.0).round() as u64;
+        self.stats
+            .spec_predicted_speedup_milli
+            .store(milli, Ordering::Relaxed);
+        self.stats
+            .spec_predicted_sum_milli
+            .fetch_add(milli, Ordering::Relaxed);
+        let planned = self
+            .stats
+            .spec_planned_steps
+            .fetch_add(1, Ordering::Relaxed);
+        if planned.is_multiple_of(32) {
+            if let Ok(mut c) = self.stats.spec_costs.lock() {
+                *c = self.costs.summary();
+            }
+        }
         for kind in [DrafterKind::Ngram, DrafterKind::Model] {
             let mut reqs = Vec::new();
             let mut slots = Vec::new();
@@ -615,7 +638,11 @@ impl Scheduler {
                     None => Vec::new(),
                 },
             };
-            self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
+            // Only calls that drafted measure the drafter (one that skipped a step, e.g. a draft
+            // service still receiving a context, answers at once with nothing).
+            if out.iter().any(|d| !d.tokens.is_empty()) {
+                self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
+            }
             for ((j, k), mut d) in slots.into_iter().zip(out) {
                 // A drafter must not hand back more than asked or a q per token short.
                 d.tokens.truncate(k);

@@ -162,6 +162,27 @@ pub struct CostModel {
     pub drafters: Vec<CostTable>,
 }
 
+/// The cost model's current estimates (seconds), for benchmarks and logs: the verifier's
+/// forward with 1..=9 tokens and each drafter's call for 1..=8 positions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CostSummary {
+    pub forward: Vec<Option<f64>>,
+    pub drafters: Vec<Vec<Option<f64>>>,
+}
+
+impl CostModel {
+    pub fn summary(&self) -> CostSummary {
+        CostSummary {
+            forward: (1..=9).map(|n| self.forward.estimate(n)).collect(),
+            drafters: self
+                .drafters
+                .iter()
+                .map(|t| (1..=8).map(|k| t.estimate(k)).collect())
+                .collect(),
+        }
+    }
+}
+
 /// What the cost model chose for a step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -202,6 +223,59 @@ impl CostModel {
             .unwrap_or(0.0)
     }
 
+    /// Expected tokens per second of a step with draft lengths `ks` (see `plan`).
+    pub fn rate(
+        &self,
+        base_tokens: usize,
+        decoding: usize,
+        cands: &[Candidate],
+        ks: &[usize],
+    ) -> f64 {
+        let extra: usize = ks.iter().sum();
+        let tokens = decoding as f64
+            + cands
+                .iter()
+                .zip(ks)
+                .map(|(c, &k)| expected_tokens(c.alpha, k) - 1.0)
+                .sum::<f64>();
+        let mut cost = self
+            .forward
+            .estimate(base_tokens + extra)
+            .unwrap_or(f64::INFINITY);
+        for d in 0..self.drafters.len() {
+            let positions = cands
+                .iter()
+                .zip(ks)
+                .filter(|(c, _)| c.drafter == d)
+                .map(|(_, &k)| k)
+                .max()
+                .unwrap_or(0);
+            cost += self.draft_cost(d, positions);
+        }
+        if cost > 0.0 {
+            tokens / cost
+        } else {
+            f64::INFINITY
+        }
+    }
+
+    /// Predicted speedup of draft lengths `ks` over plain decoding (1.0 when unknown).
+    pub fn predict(
+        &self,
+        base_tokens: usize,
+        decoding: usize,
+        cands: &[Candidate],
+        ks: &[usize],
+    ) -> f64 {
+        let plain = self.rate(base_tokens, decoding, cands, &vec![0; ks.len()]);
+        let r = self.rate(base_tokens, decoding, cands, ks);
+        if plain > 0.0 && plain.is_finite() && r.is_finite() {
+            r / plain
+        } else {
+            1.0
+        }
+    }
+
     /// Draft lengths for one step: `base_tokens` is what the forward carries without drafts
     /// (one per decoding sequence plus prompt chunks), `decoding` how many sequences decode.
     /// Greedy: keep adding one drafted token to the sequence whose next token is likeliest to be
@@ -215,34 +289,7 @@ impl CostModel {
                 predicted_speedup: 1.0,
             };
         };
-        let rate = |ks: &[usize]| -> f64 {
-            let extra: usize = ks.iter().sum();
-            let tokens = decoding as f64
-                + cands
-                    .iter()
-                    .zip(ks)
-                    .map(|(c, &k)| expected_tokens(c.alpha, k) - 1.0)
-                    .sum::<f64>();
-            let mut cost = self
-                .forward
-                .estimate(base_tokens + extra)
-                .unwrap_or(f64::INFINITY);
-            for d in 0..self.drafters.len() {
-                let positions = cands
-                    .iter()
-                    .zip(ks)
-                    .filter(|(c, _)| c.drafter == d)
-                    .map(|(_, &k)| k)
-                    .max()
-                    .unwrap_or(0);
-                cost += self.draft_cost(d, positions);
-            }
-            if cost > 0.0 {
-                tokens / cost
-            } else {
-                f64::INFINITY
-            }
-        };
+        let rate = |ks: &[usize]| self.rate(base_tokens, decoding, cands, ks);
         let plain = rate(&ks);
         let mut best = plain;
         loop {

@@ -31,6 +31,9 @@ pub struct BenchArgs {
 pub enum Bench {
     /// Latency through the router vs straight to the worker, same run, interleaved.
     RouterOverhead(OverheadArgs),
+    /// Decode speed with and without speculative decoding (draft model service, n-gram), same
+    /// prompts, same run.
+    Speculation(crate::bench_spec::SpecArgs),
     /// Routing policies on prompts that share prefixes: throughput and time to first token.
     Routing(crate::bench_routing::RoutingArgs),
 }
@@ -61,6 +64,7 @@ pub struct OverheadArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
         Bench::RouterOverhead(a) => router_overhead(a).await,
+        Bench::Speculation(a) => crate::bench_spec::run(a).await,
         Bench::Routing(a) => crate::bench_routing::run(a).await,
     }
 }

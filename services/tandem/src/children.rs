@@ -33,13 +33,23 @@ impl Children {
 
     /// Starts `tandem <args>` as a child named `name` (for messages).
     pub fn spawn(&mut self, name: &str, args: &[String]) -> anyhow::Result<u32> {
+        self.spawn_with_env(name, args, &[])
+    }
+
+    /// `spawn` with extra environment variables for this child only.
+    pub fn spawn_with_env(
+        &mut self,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
         let exe = std::env::current_exe().context("locating the tandem executable")?;
         let mut cmd = Command::new(&exe);
         cmd.args(args)
             .arg("--exit-on-stdin-eof")
             .stdin(Stdio::piped())
             .kill_on_drop(true);
-        self.start(name, cmd, args)
+        self.start(name, cmd, args, env)
     }
 
     /// Starts another program (etcd) as a child. It does not watch its stdin: if this process
@@ -52,10 +62,17 @@ impl Children {
     ) -> anyhow::Result<u32> {
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
-        self.start(name, cmd, args)
+        self.start(name, cmd, args, &[])
     }
 
-    fn start(&mut self, name: &str, mut cmd: Command, args: &[String]) -> anyhow::Result<u32> {
+    /// `env` applies last, over the variables set for every child.
+    fn start(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<u32> {
         let exe = cmd.as_std().get_program().to_owned();
         // Children get every setting as a flag; inherited TANDEM_* variables (meant for this
         // process) would otherwise apply to all of them, e.g. one metrics port for every worker.
@@ -67,6 +84,7 @@ impl Children {
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().with_context(|| {
             format!(
                 "starting {name}: {} {}",
@@ -120,11 +138,32 @@ impl Children {
     }
 }
 
-/// A port free on 127.0.0.1 right now. Another process may take it before the child binds it;
-/// the child then fails to start and the caller reports which one.
+/// Ports this process handed out or was told are taken: the OS may offer a just-released port
+/// again, and no child may be given a port another child (or the user's --listen) will bind.
+static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks a port as taken (e.g. the router's configured address) so `free_port` never offers it.
+pub fn reserve(port: u16) {
+    if let Ok(mut t) = TAKEN.lock() {
+        t.push(port);
+    }
+}
+
+/// A port free on 127.0.0.1 right now and not handed out before. Another process may take it
+/// before the child binds it; the child then fails to start and the caller reports which one.
 pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
+    for _ in 0..64 {
+        let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let addr = l.local_addr()?;
+        let mut taken = TAKEN
+            .lock()
+            .map_err(|_| anyhow::anyhow!("port registry poisoned"))?;
+        if !taken.contains(&addr.port()) {
+            taken.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no free port found that was not handed out already")
 }
 
 /// Waits until the router at `addr` reports SERVING on grpc.health.v1, or a child exits, or

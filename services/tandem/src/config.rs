@@ -15,6 +15,10 @@
 //! listen = "0.0.0.0:50051"
 //! workers = ["http://worker-0:50061", "http://worker-1:50061"]
 //! drain_grace = "20s"
+//!
+//! [draft]
+//! model = "/models/qwen2.5-coder-0.5b-instruct.gguf"
+//! idle_ttl = "60s"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,7 +28,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::{RouterArgs, UpArgs, WorkerArgs};
+use crate::{DraftArgs, RouterArgs, UpArgs, WorkerArgs};
 
 /// The config file: one optional section per subcommand.
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +41,8 @@ pub struct FileConfig {
     pub router: RouterArgs,
     #[serde(default)]
     pub up: UpArgs,
+    #[serde(default)]
+    pub draft: DraftArgs,
 }
 
 impl FileConfig {
@@ -112,6 +118,38 @@ pub enum Quant {
     Quantized,
     /// Dequantize GGUF weights to f32 at load.
     Dequantized,
+}
+
+/// Default speculation of a worker (`--speculation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpeculationArg {
+    /// Plain decoding unless a request asks.
+    Off,
+    /// Prompt lookup (model-free): proposes what followed earlier occurrences of the last tokens.
+    Ngram,
+    /// The paired draft service (--draft-endpoint).
+    DraftModel,
+}
+
+impl From<SpeculationArg> for tandem_engine::SpecMode {
+    fn from(s: SpeculationArg) -> Self {
+        match s {
+            SpeculationArg::Off => Self::Off,
+            SpeculationArg::Ngram => Self::Ngram,
+            SpeculationArg::DraftModel => Self::DraftModel,
+        }
+    }
+}
+
+/// How draft lengths are chosen (`--draft-length`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DraftLength {
+    /// The cost model picks per step from measured costs and acceptance (none when none pays).
+    Adaptive,
+    /// Always the most allowed (as fixed-k implementations do); for comparison.
+    Fixed,
 }
 
 impl From<Quant> for tandem_model::QuantMode {

@@ -2,6 +2,7 @@
 //!
 //! - `tandem worker`: one worker (group leader) serving the shard API over a model;
 //! - `tandem router`: the public gRPC API in front of workers;
+//! - `tandem draft`: the draft model service of speculative decoding;
 //! - `tandem up`: a whole cluster on this machine (workers and a router as child processes);
 //! - `tandem generate`: a command-line client that streams a completion;
 //! - `tandem bench router-overhead`: the router's added latency, measured.
@@ -11,6 +12,7 @@
 
 mod bench;
 mod bench_routing;
+mod bench_spec;
 mod children;
 mod config;
 mod generate;
@@ -25,7 +27,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{layer, Dur, FileConfig, Quant};
+use crate::config::{layer, DraftLength, Dur, FileConfig, Quant, SpeculationArg};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,12 +52,16 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; boxing the flag structs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve a model as a worker (the shard API that routers call).
     Worker(WorkerArgs),
     /// Serve the public API (tandem.v1.Generation) in front of workers.
     Router(RouterArgs),
+    /// Serve a small draft model for speculative decoding (tandem.draft.v1.Drafter).
+    Draft(DraftArgs),
     /// Run workers and a router on this machine until Ctrl-C.
     Up(UpArgs),
     /// Stream a completion from a router to stdout.
@@ -124,6 +130,28 @@ pub struct WorkerArgs {
     /// Once loaded, how long a silent rank may stall a step before the group fails [default: 10s].
     #[arg(long, env = "TANDEM_WORKER_GROUP_IO_TIMEOUT")]
     pub group_io_timeout: Option<Dur>,
+    /// Draft service to pair with for speculative decoding (http://host:port; the leader calls
+    /// it). Its tokenizer must be this model's [default: none].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_ENDPOINT")]
+    pub draft_endpoint: Option<String>,
+    /// Deadline of one draft call; past it the step decodes without drafts [default: 1500ms].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_TIMEOUT")]
+    pub draft_timeout: Option<Dur>,
+    /// The draft stops drafting a sequence when its top probability falls below this
+    /// [default: 0.3].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_MIN_CONFIDENCE")]
+    pub draft_min_confidence: Option<f32>,
+    /// Speculation for requests that leave it to the server [default: draft-model with
+    /// --draft-endpoint, else off].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_SPECULATION")]
+    pub speculation: Option<SpeculationArg>,
+    /// Most drafted tokens per sequence per step when a request leaves it unset [default: 8].
+    #[arg(long, env = "TANDEM_WORKER_MAX_DRAFT_TOKENS")]
+    pub max_draft_tokens: Option<usize>,
+    /// Draft length: `adaptive` (the cost model picks it from measured costs and acceptance,
+    /// down to none) or `fixed` (always the most allowed, for comparison) [default: adaptive].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_DRAFT_LENGTH")]
+    pub draft_length: Option<DraftLength>,
     /// etcd endpoints, comma separated (http://HOST:2379): the group leader registers there so
     /// routers find it; ranks of a group without --group-peers meet there [default: none].
     #[arg(long, env = "TANDEM_WORKER_ETCD_ENDPOINTS", value_delimiter = ',')]
@@ -167,6 +195,12 @@ impl WorkerArgs {
                 group_peers,
                 group_connect_timeout,
                 group_io_timeout,
+                draft_endpoint,
+                draft_timeout,
+                draft_min_confidence,
+                speculation,
+                max_draft_tokens,
+                draft_length,
                 etcd_endpoints,
                 cluster,
                 advertise_address,
@@ -276,6 +310,36 @@ impl WorkerArgs {
             cfg.drain_grace = v.0;
         }
         cfg.group = group;
+        if let Some(endpoint) = self.draft_endpoint.filter(|e| !e.trim().is_empty()) {
+            let mut d = tandem_worker::DraftClientConfig::new(endpoint.trim());
+            if let Some(t) = self.draft_timeout {
+                anyhow::ensure!(!t.0.is_zero(), "draft_timeout must be above 0");
+                d.timeout = t.0;
+            }
+            if let Some(c) = self.draft_min_confidence {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&c),
+                    "draft_min_confidence must be in [0, 1], got {c}"
+                );
+                d.min_confidence = c;
+            }
+            cfg.draft = Some(d);
+            cfg.engine.default_speculation = tandem_engine::SpecMode::DraftModel;
+        }
+        if let Some(s) = self.speculation {
+            cfg.engine.default_speculation = s.into();
+        }
+        if let Some(k) = self.max_draft_tokens {
+            let max = tandem_engine::speculate::MAX_DRAFT_TOKENS;
+            anyhow::ensure!(
+                (1..=max).contains(&k),
+                "max_draft_tokens must be in 1..={max}, got {k}"
+            );
+            cfg.engine.max_draft_tokens = k;
+        }
+        if let Some(l) = self.draft_length {
+            cfg.engine.adaptive_draft = l == DraftLength::Adaptive;
+        }
         cfg.discovery = discovery;
         Ok(cfg)
     }
@@ -400,6 +464,128 @@ impl RouterArgs {
     }
 }
 
+/// `tandem draft` flags; also the `[draft]` section of the config file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftArgs {
+    /// Draft model: a Hugging Face folder or a .gguf file sharing the target's tokenizer.
+    #[arg(long, env = "TANDEM_DRAFT_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Drafter API address [default: 127.0.0.1:50071].
+    #[arg(long, env = "TANDEM_DRAFT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus endpoint address (/metrics) [default: none].
+    #[arg(long, env = "TANDEM_DRAFT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Model name reported in Info [default: from the model's file or folder name].
+    #[arg(long, env = "TANDEM_DRAFT_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// How to run a GGUF file's weights [default: quantized].
+    #[arg(long, value_enum, env = "TANDEM_DRAFT_QUANT")]
+    pub quant: Option<Quant>,
+    /// Cap the context length below the model's own [default: the model's].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+    /// Sequences held at once (KV per sequence), and the most one call may name; beyond it the
+    /// least recently used is evicted [default: 256].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_SEQUENCES")]
+    pub max_sequences: Option<usize>,
+    /// Evict a sequence unused this long (e.g. 60s) [default: 60s].
+    #[arg(long, env = "TANDEM_DRAFT_IDLE_TTL")]
+    pub idle_ttl: Option<Dur>,
+    /// KV positions held over all sequences; least recently used sequences are evicted to
+    /// stay under it, a call needing more gets RESOURCE_EXHAUSTED [default: no budget].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_KV_TOKENS")]
+    pub max_kv_tokens: Option<usize>,
+    /// Largest gRPC request message, in bytes [default: 4 MiB].
+    #[arg(long, env = "TANDEM_DRAFT_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// How long SIGTERM waits for calls in flight [default: 30s].
+    #[arg(long, env = "TANDEM_DRAFT_DRAIN_GRACE")]
+    pub drain_grace: Option<Dur>,
+    /// etcd endpoints, comma separated: the draft registers under
+    /// /tandem/v1/<cluster>/drafts/<model>/<id> while it serves [default: none].
+    #[arg(long, env = "TANDEM_DRAFT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Cluster name for the etcd keys [default: default].
+    #[arg(long, env = "TANDEM_DRAFT_CLUSTER")]
+    pub cluster: Option<String>,
+    /// HOST:PORT that verifiers should dial [default: the listen address].
+    #[arg(long, env = "TANDEM_DRAFT_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// Shut down when stdin closes: children of `tandem up` die with their parent.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub exit_on_stdin_eof: bool,
+}
+
+impl DraftArgs {
+    fn layer(&mut self, mut file: DraftArgs) {
+        layer!(
+            self,
+            file,
+            [
+                model,
+                listen,
+                metrics_listen,
+                model_name,
+                quant,
+                max_context,
+                max_sequences,
+                idle_ttl,
+                max_kv_tokens,
+                max_message_bytes,
+                drain_grace,
+                etcd_endpoints,
+                cluster,
+                advertise_address,
+            ]
+        );
+    }
+
+    fn into_config(self) -> anyhow::Result<tandem_draft::DraftConfig> {
+        let endpoints = self.etcd_endpoints.clone().unwrap_or_default();
+        let discovery = (!endpoints.iter().all(|e| e.trim().is_empty())).then(|| {
+            tandem_draft::DraftDiscovery {
+                etcd_endpoints: endpoints,
+                cluster: cluster_name(self.cluster.as_deref()),
+                advertise: self.advertise_address.clone(),
+            }
+        });
+        let model = self.model.context(
+            "no draft model: pass --model PATH (a .gguf file or a Hugging Face folder), set TANDEM_DRAFT_MODEL, or set model in the [draft] section of the config file",
+        )?;
+        let listen = match self.listen {
+            Some(l) => l,
+            None => tandem_draft::DEFAULT_LISTEN.parse()?,
+        };
+        let mut cfg = tandem_draft::DraftConfig::new(model, listen);
+        cfg.metrics_listen = self.metrics_listen;
+        cfg.model_name = self.model_name;
+        if let Some(q) = self.quant {
+            cfg.quant = q.into();
+        }
+        cfg.max_context = self.max_context;
+        if let Some(v) = self.max_sequences {
+            anyhow::ensure!(v >= 1, "max_sequences must be at least 1");
+            cfg.core.max_sequences = v;
+        }
+        if let Some(v) = self.idle_ttl {
+            anyhow::ensure!(!v.0.is_zero(), "idle_ttl must be above 0");
+            cfg.core.idle_ttl = v.0;
+        }
+        cfg.core.max_kv_tokens = self.max_kv_tokens;
+        if let Some(v) = self.max_message_bytes {
+            cfg.max_message_bytes = v;
+        }
+        if let Some(v) = self.drain_grace {
+            cfg.drain_grace = v.0;
+        }
+        cfg.discovery = discovery;
+        Ok(cfg)
+    }
+}
+
 /// `tandem up` flags; also the `[up]` section of the config file.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,6 +628,15 @@ pub struct UpArgs {
     /// On shutdown, how long children get before they are killed [default: 10s].
     #[arg(long, env = "TANDEM_UP_GRACE")]
     pub grace: Option<Dur>,
+    /// Draft model for speculative decoding, run as its own service and paired with every
+    /// group's leader; it must share the target's tokenizer [default: Qwen2.5-Coder-0.5B-Instruct
+    /// GGUF (fetched on first use) with the default target, none with another --model].
+    #[arg(long, env = "TANDEM_UP_DRAFT_MODEL")]
+    pub draft_model: Option<PathBuf>,
+    /// Run without a draft service (plain decoding unless requests ask for n-gram speculation).
+    #[arg(long, env = "TANDEM_UP_NO_DRAFT")]
+    #[serde(default)]
+    pub no_draft: bool,
     /// Start a local etcd (the `etcd` binary, apt: etcd-server) and let groups register there
     /// and the router follow it, instead of the static worker list.
     #[arg(
@@ -471,9 +666,11 @@ impl UpArgs {
                 max_waiting,
                 ready_timeout,
                 grace,
+                draft_model,
                 etcd,
             ]
         );
+        self.no_draft |= file.no_draft;
     }
 }
 
@@ -516,6 +713,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let stdin_eof = args.exit_on_stdin_eof;
             args.into_config().and_then(|cfg| {
                 rt.block_on(tandem_router::serve(cfg, shutdown(stdin_eof)))
+                    .map(|()| ExitCode::SUCCESS)
+            })
+        }
+        Command::Draft(mut args) => {
+            tandem_runtime::init_tracing(json);
+            args.layer(std::mem::take(&mut file.draft));
+            let stdin_eof = args.exit_on_stdin_eof;
+            args.into_config().and_then(|cfg| {
+                rt.block_on(tandem_draft::serve(cfg, shutdown(stdin_eof)))
                     .map(|()| ExitCode::SUCCESS)
             })
         }
@@ -659,6 +865,46 @@ mod tests {
         };
         let e = bad.into_config().unwrap_err().to_string();
         assert!(e.contains("--group-peers"), "{e}");
+    }
+
+    #[test]
+    fn draft_flags_environment_and_file_reach_the_config() {
+        let file: FileConfig = toml::from_str(
+            "[draft]\nmodel = \"/d.gguf\"\nidle_ttl = \"90s\"\nmax_sequences = 8\nquant = \"dequantized\"\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "tandem",
+            "draft",
+            "--max-sequences",
+            "16",
+            "--metrics-listen",
+            "127.0.0.1:9",
+            "--drain-grace",
+            "2s",
+            "--max-kv-tokens",
+            "100000",
+        ])
+        .unwrap();
+        let Command::Draft(mut args) = cli.command else {
+            panic!("not the draft subcommand");
+        };
+        args.layer(file.draft);
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.model, PathBuf::from("/d.gguf")); // file
+        assert_eq!(cfg.core.max_sequences, 16); // flag over file
+        assert_eq!(cfg.core.idle_ttl, Duration::from_secs(90)); // file
+        assert_eq!(cfg.quant, tandem_model::QuantMode::Dequantized);
+        assert_eq!(cfg.drain_grace, Duration::from_secs(2));
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(cfg.listen, "127.0.0.1:50071".parse().unwrap()); // default
+        assert_eq!(cfg.core.max_draft_tokens, 16);
+        assert_eq!(cfg.core.max_kv_tokens, Some(100_000));
+        let e = DraftArgs::default().into_config().unwrap_err().to_string();
+        assert!(
+            e.contains("--model") && e.contains("TANDEM_DRAFT_MODEL"),
+            "{e}"
+        );
     }
 
     #[test]

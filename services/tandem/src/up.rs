@@ -13,6 +13,9 @@ use crate::UpArgs;
 /// The default model: Qwen2.5-Coder-1.5B-Instruct, the target model of the design.
 pub const DEFAULT_MODEL_FILE: &str = "qwen2.5-coder-1.5b-instruct.gguf";
 const DEFAULT_MODEL_KEY: &str = "qwen-1.5b";
+/// The default draft: Qwen2.5-Coder-0.5B-Instruct, which shares the target's tokenizer.
+pub const DEFAULT_DRAFT_FILE: &str = "qwen2.5-coder-0.5b-instruct.gguf";
+const DEFAULT_DRAFT_KEY: &str = "qwen-0.5b";
 /// Tensor-parallel size of each group: Qwen2.5-Coder-1.5B's 12 heads / 2 KV heads divide by 2.
 const DEFAULT_TP: usize = 2;
 
@@ -24,11 +27,28 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(m.exists(), "model {} does not exist", m.display());
             m
         }
-        None => default_model().await?,
+        None => cached_model(DEFAULT_MODEL_FILE, DEFAULT_MODEL_KEY, "about 1.1 GB").await?,
+    };
+    // The draft must share the target's tokenizer, so only the default target gets the default
+    // draft; the leaders check the pairing (vocabulary hash) and refuse a mismatch at start.
+    let draft = match (&args.draft_model, args.no_draft, &args.model) {
+        (_, true, _) => None,
+        (Some(d), false, _) => {
+            anyhow::ensure!(d.exists(), "draft model {} does not exist", d.display());
+            Some(d.clone())
+        }
+        (None, false, None) => {
+            Some(cached_model(DEFAULT_DRAFT_FILE, DEFAULT_DRAFT_KEY, "about 0.5 GB").await?)
+        }
+        (None, false, Some(_)) => None,
     };
     let listen = args
         .listen
         .unwrap_or_else(|| ([127, 0, 0, 1], 50051).into());
+    children::reserve(listen.port());
+    if let Some(m) = args.metrics_listen {
+        children::reserve(m.port());
+    }
     let grace = args.grace.map_or(Duration::from_secs(10), |d| d.0);
     let ready_timeout = args.ready_timeout.map_or(Duration::from_secs(600), |d| d.0);
 
@@ -60,6 +80,37 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     }
     let mut worker_urls = Vec::new();
     let mut metrics = Vec::new();
+    let draft_url = match &draft {
+        Some(d) => {
+            let addr = children::free_port()?;
+            let metrics_addr = children::free_port()?;
+            let mut a = vec![
+                "draft".to_owned(),
+                "--model".to_owned(),
+                d.display().to_string(),
+                "--listen".to_owned(),
+                addr.to_string(),
+                "--metrics-listen".to_owned(),
+                metrics_addr.to_string(),
+            ];
+            push_opt(&mut a, "--max-context", args.max_context);
+            if log_json {
+                a.push("--log-json".to_owned());
+            }
+            // The verifier waits while the draft drafts (and the draft while it verifies), so
+            // the draft may use every core.
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            let pid = children.spawn_with_env(
+                "draft",
+                &a,
+                &[("RAYON_NUM_THREADS", &cores.to_string())],
+            )?;
+            tracing::info!(pid, %addr, "started the draft service");
+            metrics.push(("draft".to_owned(), metrics_addr));
+            Some(format!("http://{addr}"))
+        }
+        None => None,
+    };
     for i in 0..n {
         // Every rank gets a gRPC port (health; the leader's also serves the shard API) and a
         // collective port; only the leader's gRPC address goes to the router.
@@ -81,6 +132,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
             if rank == 0 {
                 a.push("--metrics-listen".to_owned());
                 a.push(metrics_addr.to_string());
+                push_opt(&mut a, "--draft-endpoint", draft_url.as_deref());
                 if let Some(e) = &etcd {
                     a.extend([
                         "--etcd-endpoints".to_owned(),
@@ -163,6 +215,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
     print_banner(
         listen,
         &model,
+        draft.as_deref(),
         n,
         tp,
         &metrics,
@@ -281,6 +334,7 @@ fn quant_name(q: crate::config::Quant) -> &'static str {
 fn print_banner(
     listen: std::net::SocketAddr,
     model: &Path,
+    draft: Option<&Path>,
     n: usize,
     tp: usize,
     metrics: &[(String, std::net::SocketAddr)],
@@ -294,6 +348,13 @@ fn print_banner(
         "\nTandem is up: {n} worker(s) (tensor-parallel size {tp}) serving {}\n",
         model.display()
     ));
+    match draft {
+        Some(d) => out.push_str(&format!(
+            "  speculative decoding with the draft service {}\n",
+            d.display()
+        )),
+        None => out.push_str("  no draft service (plain decoding by default)\n"),
+    }
     out.push_str(&format!("  gRPC API (tandem.v1.Generation): {listen}\n"));
     if let Some(e) = etcd {
         out.push_str(&format!(
@@ -314,34 +375,34 @@ fn print_banner(
     println!("{out}");
 }
 
-/// The default model file, fetched with scripts/fetch-models when missing.
-async fn default_model() -> anyhow::Result<PathBuf> {
-    let path = model_cache().join(DEFAULT_MODEL_FILE);
+/// A model file in the cache, fetched with `scripts/fetch-models <key>` when missing.
+async fn cached_model(file: &str, key: &str, size: &str) -> anyhow::Result<PathBuf> {
+    let path = model_cache().join(file);
     if path.exists() {
         return Ok(path);
     }
     let Some(script) = fetch_script() else {
         anyhow::bail!(
             "the default model {} is missing and scripts/fetch-models was not found.\n\
-             Fetch it from a Tandem checkout with:\n    scripts/fetch-models {DEFAULT_MODEL_KEY}\n\
+             Fetch it from a Tandem checkout with:\n    scripts/fetch-models {key}\n\
              (or set TANDEM_FETCH_SCRIPT to the script's path, or pass --model PATH)",
             path.display()
         );
     };
     eprintln!(
-        "tandem up: {} is missing; fetching it with {} {DEFAULT_MODEL_KEY} (about 1.1 GB)...",
+        "tandem up: {} is missing; fetching it with {} {key} ({size})...",
         path.display(),
         script.display()
     );
     let status = tokio::process::Command::new(&script)
-        .arg(DEFAULT_MODEL_KEY)
+        .arg(key)
         .env("TANDEM_MODEL_CACHE", model_cache())
         .status()
         .await
         .with_context(|| format!("running {}", script.display()))?;
     anyhow::ensure!(
         status.success(),
-        "{} {DEFAULT_MODEL_KEY} failed ({status}); run it by hand to see why, or pass --model PATH",
+        "{} {key} failed ({status}); run it by hand to see why, or pass --model PATH",
         script.display()
     );
     anyhow::ensure!(

@@ -751,3 +751,57 @@ async fn tp_ranks_meet_through_etcd_and_match_one_rank() {
 fn greedy(text: &str) -> GenerateRequest {
     long_req(text, 24)
 }
+
+/// A draft service registers under drafts/<model>/<id> once it serves (with its address and
+/// tokenizer hash, for verifiers to pair with) and deregisters on SIGTERM before draining.
+#[tokio::test(flavor = "multi_thread")]
+async fn draft_registers_while_it_serves() {
+    let Some(env) = Env::start(tiny_model(&TinyConfig::qwen2()).unwrap()) else {
+        return;
+    };
+    let addr = free_addr();
+    let mut draft = Proc::start(
+        "draft",
+        env.logs.path(),
+        &[
+            "draft".into(),
+            "--model".into(),
+            env.model.dir.display().to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--etcd-endpoints".into(),
+            env.etcd.endpoint(),
+            "--cluster".into(),
+            env.cluster.clone(),
+            "--advertise-address".into(),
+            addr.to_string(),
+        ],
+    );
+    let keys = Keys::new(&env.cluster).unwrap();
+    let mut drafts = Registry::etcd(&env.etcd.endpoints())
+        .await
+        .unwrap()
+        .view(&keys.drafts());
+    until_view(&mut drafts, "the draft registered", |s| {
+        s.entries.len() == 1
+    })
+    .await;
+    let (key, value) = drafts
+        .current()
+        .entries
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
+    assert!(key.starts_with(&keys.drafts()), "{key}");
+    let record: tandem_discovery::DraftRecord = tandem_discovery::parse_record(&value).unwrap();
+    assert_eq!(record.address, format!("http://{addr}"));
+    assert!(!record.tokenizer_hash.is_empty());
+    assert_eq!(record.version, tandem_discovery::RECORD_VERSION);
+    draft.sigterm();
+    until_view(&mut drafts, "the draft deregistered", |s| {
+        s.entries.is_empty()
+    })
+    .await;
+    assert!(draft.wait_exit(PATIENCE).await.success());
+}

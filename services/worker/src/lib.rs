@@ -11,6 +11,7 @@
 //! and follow rank 0. A leader whose group broke reports NOT_SERVING and refuses work with
 //! UNAVAILABLE until restarted.
 
+pub mod draft_client;
 mod group;
 mod metrics;
 mod request;
@@ -23,7 +24,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tandem_engine::{Engine, EngineConfig, Request, SamplingParams, StopCriteria};
+use tandem_engine::draft::Drafter;
+use tandem_engine::{Engine, EngineConfig, EngineParts, Request, SamplingParams, StopCriteria};
 use tandem_model::{LoadOptions, Model, QuantMode};
 use tandem_proto::shard::v1::shard_server::{ShardServer, SERVICE_NAME as SHARD_SERVICE};
 use tandem_runtime::{
@@ -39,6 +41,7 @@ use tonic::transport::Server;
 pub use group::{GroupConfig, LOAD_BARRIER_TIMEOUT};
 pub use request::{GenerateError, DEFAULT_MAX_NEW_TOKENS};
 
+pub use crate::draft_client::{DraftClientConfig, DraftClientStats, RemoteDrafter};
 use crate::metrics::WorkerMetrics;
 use crate::service::{ShardService, Shared};
 
@@ -74,6 +77,8 @@ pub struct WorkerConfig {
     /// A tensor-parallel group this process is one rank of; `None` (or world size 1): the whole
     /// model in this process.
     pub group: Option<GroupConfig>,
+    /// A draft service to pair with (speculative decoding); only the group leader uses it.
+    pub draft: Option<DraftClientConfig>,
     /// Register the group in etcd (leaders only); `None`: routers find it by a static list.
     pub discovery: Option<WorkerDiscovery>,
 }
@@ -104,6 +109,7 @@ impl WorkerConfig {
             max_concurrent_streams: 1024,
             drain_grace: Duration::from_secs(30),
             group: None,
+            draft: None,
             discovery: None,
         }
     }
@@ -128,6 +134,8 @@ pub(crate) struct Loaded {
     pub tokenizer_json: Result<String, String>,
     /// Ranks of the tensor-parallel group (1: no group).
     pub tp_size: usize,
+    /// The paired draft service's client counters, when one is configured.
+    pub draft_stats: Option<Arc<DraftClientStats>>,
     /// This rank's rendezvous key in etcd, held while the group lives.
     pub _rendezvous: Option<tandem_discovery::Rendezvous>,
 }
@@ -300,11 +308,12 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         max_context: cfg.max_context,
         ..Default::default()
     };
-    let (engine, tp_size, rendezvous) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
+    let (model, comm, tp_size, rendezvous) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
         Some(g) => {
             let joined = group::join_group(cfg, g)?;
             (
-                Engine::start_group(joined.model, cfg.engine.clone(), joined.comm),
+                joined.model,
+                Some(joined.comm),
                 g.world_size,
                 joined.rendezvous,
             )
@@ -312,9 +321,31 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         None => {
             let model = Model::load(&cfg.model, &opts)
                 .with_context(|| format!("loading the model {}", cfg.model.display()))?;
-            (Engine::start(model, cfg.engine.clone()), 1, None)
+            (model, None, 1, None)
         }
     };
+    let (draft_model, draft_stats) = match &cfg.draft {
+        Some(d) => {
+            let stats = Arc::new(DraftClientStats::default());
+            let mut drafter =
+                RemoteDrafter::new(d.clone(), model.text.vocab_hash(), stats.clone())?;
+            // A draft with another tokenizer is refused here, loudly; one that is not up yet
+            // is paired when it comes up.
+            if !drafter.pair_now()? {
+                tracing::warn!(endpoint = %d.endpoint, "draft service not reachable yet; decoding without it until it is");
+            }
+            (Some(Box::new(drafter) as Box<dyn Drafter>), Some(stats))
+        }
+        None => (None, None),
+    };
+    let engine = Engine::start_with(
+        model,
+        cfg.engine.clone(),
+        EngineParts {
+            group: comm,
+            draft_model,
+        },
+    );
     let text = engine.text();
     let loaded = Loaded {
         model_name: cfg.resolved_model_name(),
@@ -322,6 +353,7 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
         tokenizer_json: text.tokenizer_json().map_err(|e| e.to_string()),
         engine,
         tp_size,
+        draft_stats,
         _rendezvous: rendezvous,
     };
     warm_up(&loaded.engine);

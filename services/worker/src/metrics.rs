@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tandem_runtime::{latency_buckets, token_count_buckets, MetricsRegistry};
 use tonic::Code;
 
+use crate::draft_client::DraftClientStats;
 use crate::Loaded;
 
 type CodeLabel = [(&'static str, &'static str); 1];
@@ -193,11 +194,109 @@ impl Collector for EngineCollector {
                 "Batched forward passes run.",
                 counter(stats.map(|s| s.steps.load(Relaxed))),
             ),
+            (
+                "tandem_worker_spec_drafts",
+                "Drafts verified (one per sequence per step with drafted tokens).",
+                counter(stats.map(|s| s.drafts.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_spec_drafted_tokens",
+                "Tokens drafted and verified.",
+                counter(stats.map(|s| s.draft_tokens.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_spec_accepted_tokens",
+                "Drafted tokens the verifier accepted.",
+                counter(stats.map(|s| s.accepted_draft_tokens.load(Relaxed))),
+            ),
+            (
+                "tandem_worker_spec_skipped_steps",
+                "Steps where sequences asked for speculation and the cost model drafted nothing \
+                 because no draft length was expected to pay.",
+                counter(stats.map(|s| s.spec_skipped_steps.load(Relaxed))),
+            ),
         ];
         for (name, help, c) in counters {
             let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
             c.encode(m)?;
         }
+        // Per draft position: drafted there and accepted there (acceptance per position).
+        for (name, help, pick) in [
+            (
+                "tandem_worker_spec_drafted_at_position",
+                "Drafted tokens by position in the draft (0 = first).",
+                0,
+            ),
+            (
+                "tandem_worker_spec_accepted_at_position",
+                "Accepted drafted tokens by position in the draft (0 = first).",
+                1,
+            ),
+        ] {
+            let mut m =
+                enc.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+            let Some(s) = stats else { continue };
+            let arr = if pick == 0 {
+                &s.drafted_at
+            } else {
+                &s.accepted_at
+            };
+            for (pos, v) in arr.iter().enumerate() {
+                let label = [("position", pos.to_string())];
+                let fam = m.encode_family(&label)?;
+                ConstCounter::new(v.load(Relaxed)).encode(fam)?;
+            }
+        }
+        let predicted = stats.map_or(0.0, |s| {
+            s.spec_predicted_speedup_milli.load(Relaxed) as f64 / 1000.0
+        });
+        let g = ConstGauge::new(predicted);
+        let m = enc.encode_descriptor(
+            "tandem_worker_spec_predicted_speedup",
+            "Tokens per second with the chosen draft lengths over plain decoding, as the cost model \
+             predicted for the last step that drafted.",
+            None,
+            g.metric_type(),
+        )?;
+        g.encode(m)?;
+        let draft = self.loaded.get().and_then(|l| l.draft_stats.clone());
+        let dc = |f: fn(&DraftClientStats) -> u64| ConstCounter::new(draft.as_deref().map_or(0, f));
+        for (name, help, c) in [
+            (
+                "tandem_worker_draft_calls",
+                "Propose calls to the draft service.",
+                dc(|d| d.calls.load(Relaxed)),
+            ),
+            (
+                "tandem_worker_draft_failures",
+                "Draft calls that failed or passed their deadline; those steps decoded without \
+                 drafts (same output, slower).",
+                dc(|d| d.failures.load(Relaxed)),
+            ),
+            (
+                "tandem_worker_draft_resent_sequences",
+                "Sequences the draft service did not hold (restart, eviction), resent whole.",
+                dc(|d| d.resent.load(Relaxed)),
+            ),
+            (
+                "tandem_worker_draft_backoff_steps",
+                "Steps decoded without asking the draft, which was backing off after failures.",
+                dc(|d| d.skipped.load(Relaxed)),
+            ),
+        ] {
+            let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(m)?;
+        }
+        let g = ConstGauge::new(i64::from(
+            draft.as_deref().is_some_and(|d| d.paired.load(Relaxed)),
+        ));
+        let m = enc.encode_descriptor(
+            "tandem_worker_draft_paired",
+            "1 while a draft service is paired (reachable, same tokenizer).",
+            None,
+            g.metric_type(),
+        )?;
+        g.encode(m)?;
         Ok(())
     }
 }

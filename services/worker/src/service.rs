@@ -353,7 +353,7 @@ impl GenStream {
                     msg.usage = Some(pb::Usage {
                         prompt_tokens: to_u32(usage.prompt_tokens),
                         completion_tokens: to_u32(usage.completion_tokens),
-                        accepted_draft_tokens: 0,
+                        accepted_draft_tokens: to_u32(usage.accepted_draft_tokens),
                     });
                     self.generation = None;
                     self.shared

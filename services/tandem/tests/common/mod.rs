@@ -114,3 +114,24 @@ pub fn free_addr() -> SocketAddr {
         }
     }
 }
+
+/// `GET /metrics` from a Prometheus endpoint.
+pub async fn scrape_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of the first sample whose line starts with `prefix` and contains `needle`.
+pub fn metric_sample(metrics: &str, prefix: &str, needle: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix) && l.contains(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
