@@ -154,6 +154,8 @@ pub async fn register(
             KeepAlive::Lost => {
                 tracing::warn!(%key, lease = id, "etcd lost the lease; registering again");
                 lease = None;
+                // Not registered until the key is put back under a new lease.
+                state.send_replace(RegistrationState::Pending);
             }
         }
     }

@@ -189,6 +189,8 @@ async fn lost_lease_is_registered_again() {
         }
         e => panic!("expected the key back, got {e:?}"),
     }
+    // The watch can see the put before the registration task records the new lease.
+    reg.registered().await;
     let RegistrationState::Registered { lease: again } = reg.state() else {
         panic!("not registered again: {:?}", reg.state());
     };
