@@ -49,6 +49,11 @@ pub trait Drafter: Send {
     fn available(&self) -> bool {
         true
     }
+    /// True while the drafter works in the background (a draft service prefilling a context):
+    /// on shared cores that slows the verifier's forwards, which then measure nothing useful.
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 /// Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n

@@ -731,9 +731,13 @@ impl Scheduler {
             .and_then(|l| l.to_vecs());
         let tokens_in_step: usize = batch.iter().map(|s| s.tokens.len()).sum();
         drop(batch);
-        self.costs
-            .forward
-            .record(tokens_in_step, started.elapsed().as_secs_f64());
+        // A draft service prefilling in the background shares the cores: such a step's time
+        // says nothing about the verifier's own cost.
+        if !self.draft_model.as_ref().is_some_and(|d| d.busy()) {
+            self.costs
+                .forward
+                .record(tokens_in_step, started.elapsed().as_secs_f64());
+        }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
@@ -778,19 +782,6 @@ impl Scheduler {
             }
             let (accepted, done) = Self::verify(r, &draft, &rows, &self.stats);
             r.acceptance.record(drafted, accepted);
-            self.stats.drafts.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .draft_tokens
-                .fetch_add(drafted as u64, Ordering::Relaxed);
-            self.stats
-                .accepted_draft_tokens
-                .fetch_add(accepted as u64, Ordering::Relaxed);
-            for pos in 0..drafted.min(MAX_DRAFT_TOKENS) {
-                self.stats.drafted_at[pos].fetch_add(1, Ordering::Relaxed);
-                if pos < accepted {
-                    self.stats.accepted_at[pos].fetch_add(1, Ordering::Relaxed);
-                }
-            }
             match r.drafter {
                 Some(DrafterKind::Ngram) => self.ngram.feedback(r.id, drafted, accepted),
                 Some(DrafterKind::Model) => {
@@ -847,6 +838,21 @@ impl Scheduler {
         stats: &EngineStats,
     ) -> (usize, Option<Option<FinishReason>>) {
         let v = crate::speculate::verify(&mut r.sampler, draft, rows);
+        // Counted before the tokens go out, so a caller that saw the last token sees them.
+        let drafted = draft.tokens.len();
+        stats.drafts.fetch_add(1, Ordering::Relaxed);
+        stats
+            .draft_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        stats
+            .accepted_draft_tokens
+            .fetch_add(v.accepted as u64, Ordering::Relaxed);
+        for pos in 0..drafted.min(MAX_DRAFT_TOKENS) {
+            stats.drafted_at[pos].fetch_add(1, Ordering::Relaxed);
+            if pos < v.accepted {
+                stats.accepted_at[pos].fetch_add(1, Ordering::Relaxed);
+            }
+        }
         for (n, s) in v.tokens.into_iter().enumerate() {
             let drafted = n < v.accepted;
             if drafted {

@@ -404,9 +404,12 @@ async fn measure(
     Ok(())
 }
 
-/// Where a mode's greedy output left plain greedy's, the target's top-two logit margin at that
-/// position (one prefill of the prompt and plain output before it): a near-tie means batched
-/// and single-token forwards rounded differently, not a speculation error.
+/// Where a mode's greedy output left plain greedy's: the target's logits at that position
+/// computed the two ways the runs computed them, from one shared prefix: one token at a time
+/// (plain decoding) and the last few tokens in one batched forward (verification). Reports the
+/// single-token top-two margin, whether the batched forward's argmax differs, and the largest
+/// logit difference between the two paths: a different argmax there means the quantized
+/// kernels (single row vs several rows) disagree, not that speculation chose wrongly.
 fn report_margins(
     args: &SpecArgs,
     target: &std::path::Path,
@@ -433,39 +436,79 @@ fn report_margins(
     }
     let model = Model::load(target, opts)?;
     let tf = &model.transformer;
-    println!("\nDivergences from plain greedy (target's top-two logit margin there):\n");
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i)
+    };
+    let margin = |v: &[f32]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| b.total_cmp(a));
+        s.first().zip(s.get(1)).map_or(f32::NAN, |(a, b)| a - b)
+    };
+    println!("\nDivergences from plain greedy, with the target's logits there computed one token at a time and batched (last 5 tokens in one forward), from the same prefix:\n");
     for (name, pi, at) in found {
         let mut ctx = prompts[pi].clone();
         ctx.extend_from_slice(&totals[plain].outputs[pi][..at]);
+        let w = 5.min(ctx.len() - 1);
+        let (prefix, tail) = ctx.split_at(ctx.len() - w);
         let mut kv = tf.new_cache();
-        let slot = kv.allocate();
-        let mut last = Vec::new();
-        for chunk in ctx.chunks(256) {
-            let l = tf
-                .forward(
+        let single = kv.allocate();
+        let batched = kv.allocate();
+        for slot in [single, batched] {
+            for chunk in prefix.chunks(256) {
+                tf.forward(
                     &mut kv,
                     &[tandem_model::SeqInput {
                         slot,
                         tokens: chunk,
                         all_logits: false,
                     }],
+                )?;
+            }
+        }
+        let mut one = Vec::new();
+        for t in tail {
+            one = tf
+                .forward(
+                    &mut kv,
+                    &[tandem_model::SeqInput {
+                        slot: single,
+                        tokens: std::slice::from_ref(t),
+                        all_logits: false,
+                    }],
                 )?
-                .to_vecs()?;
-            last = l
+                .to_vecs()?
                 .into_iter()
                 .next()
                 .and_then(|r| r.into_iter().last())
                 .unwrap_or_default();
         }
-        let mut sorted: Vec<f32> = last.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let margin = sorted
-            .first()
-            .zip(sorted.get(1))
-            .map_or(f32::NAN, |(a, b)| a - b);
+        let many = tf
+            .forward(
+                &mut kv,
+                &[tandem_model::SeqInput {
+                    slot: batched,
+                    tokens: tail,
+                    all_logits: true,
+                }],
+            )?
+            .to_vecs()?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().last())
+            .unwrap_or_default();
+        let diff = one
+            .iter()
+            .zip(&many)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         println!(
-            "- {name}, prompt {}: token {at}, margin {margin:.4}",
-            pi + 1
+            "- {name}, prompt {}: token {at}: single-token top-two margin {:.4}; batched argmax {} the single-token one; largest logit difference between the paths {diff:.4}",
+            pi + 1,
+            margin(&one),
+            if argmax(&one) == argmax(&many) { "equals" } else { "differs from" },
         );
     }
     Ok(())

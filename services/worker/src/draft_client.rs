@@ -446,6 +446,10 @@ impl Drafter for RemoteDrafter {
         }
     }
 
+    fn busy(&self) -> bool {
+        self.syncing.load(Ordering::Relaxed) > 0
+    }
+
     fn available(&self) -> bool {
         self.refused.is_none() && self.backoff_until.is_none_or(|t| Instant::now() >= t)
     }
