@@ -54,6 +54,13 @@ pub trait Drafter: Send {
     fn busy(&self) -> bool {
         false
     }
+    /// Whether the last `propose` call's time measures drafting. A draft service that had to
+    /// catch up on many tokens first (the sequence went without drafts for a while) spent most
+    /// of the call prefilling; counting that as drafting cost would keep the cost model from
+    /// ever drafting again.
+    fn last_call_measures_drafting(&self) -> bool {
+        true
+    }
 }
 
 /// Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n

@@ -640,7 +640,14 @@ impl Scheduler {
             };
             // Only calls that drafted measure the drafter (one that skipped a step, e.g. a draft
             // service still receiving a context, answers at once with nothing).
-            if out.iter().any(|d| !d.tokens.is_empty()) {
+            let measures = match kind {
+                DrafterKind::Ngram => true,
+                DrafterKind::Model => self
+                    .draft_model
+                    .as_ref()
+                    .is_some_and(|d| d.last_call_measures_drafting()),
+            };
+            if measures && out.iter().any(|d| !d.tokens.is_empty()) {
                 self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
             }
             for ((j, k), mut d) in slots.into_iter().zip(out) {

@@ -124,6 +124,8 @@ pub struct RemoteDrafter {
     /// draft may have been restarted with another model).
     needs_pairing: bool,
     refused: Option<PairingError>,
+    /// Whether the last call only appended a step's worth of tokens per sequence.
+    last_call_plain: bool,
     stats: Arc<DraftClientStats>,
 }
 
@@ -159,6 +161,7 @@ impl RemoteDrafter {
             backoff: MIN_BACKOFF,
             needs_pairing: true,
             refused: None,
+            last_call_plain: false,
             stats,
         })
     }
@@ -393,6 +396,10 @@ impl Drafter for RemoteDrafter {
         }
         let deadline = Instant::now() + self.cfg.timeout;
         let entries: Vec<_> = ready.iter().map(|&i| self.entry(&reqs[i])).collect();
+        // A step's worth: the accepted drafts and the verifier's token (at most k + 1).
+        self.last_call_plain = entries
+            .iter()
+            .all(|e| e.append.len() <= e.max_tokens as usize + 2);
         let sent: Vec<usize> = entries
             .iter()
             .map(|e| e.rollback_to as usize + e.append.len())
@@ -448,6 +455,10 @@ impl Drafter for RemoteDrafter {
 
     fn busy(&self) -> bool {
         self.syncing.load(Ordering::Relaxed) > 0
+    }
+
+    fn last_call_measures_drafting(&self) -> bool {
+        self.last_call_plain
     }
 
     fn available(&self) -> bool {
