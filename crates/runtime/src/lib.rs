@@ -14,8 +14,8 @@ pub use grpc::{
     health_service, reflection_v1, reflection_v1alpha, set_health, HealthReporter, ServingStatus,
 };
 pub use metrics::{
-    latency_buckets, serve_metrics, spawn_metrics_server, token_count_buckets, MetricsRegistry,
-    OPENMETRICS_CONTENT_TYPE,
+    grpc_code_name, latency_buckets, serve_metrics, spawn_metrics_server, token_count_buckets,
+    MetricsRegistry, OPENMETRICS_CONTENT_TYPE,
 };
 
 /// Installs the global `tracing` subscriber: the filter comes from `RUST_LOG` (default `info`),

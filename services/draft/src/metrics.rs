@@ -114,7 +114,7 @@ impl DraftMetrics {
 
     pub fn propose_done(&self, code: Code, latency: Duration) {
         self.proposals
-            .get_or_create(&[("code", code_name(code))])
+            .get_or_create(&[("code", tandem_runtime::grpc_code_name(code))])
             .inc();
         self.propose_latency.observe(latency.as_secs_f64());
     }
@@ -147,28 +147,5 @@ impl DraftMetrics {
 
     pub fn loaded(&self) {
         self.model_loaded.set(1);
-    }
-}
-
-/// The canonical upper-case names, stable label values (as the worker's).
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -76,7 +76,7 @@ impl WorkerMetrics {
 
     pub fn request_done(&self, code: Code) {
         self.requests
-            .get_or_create(&[("code", code_name(code))])
+            .get_or_create(&[("code", tandem_runtime::grpc_code_name(code))])
             .inc();
     }
 
@@ -95,29 +95,6 @@ impl WorkerMetrics {
     pub fn completed(&self, d: Duration, output_tokens: u32) {
         self.request_duration.observe(d.as_secs_f64());
         self.output_tokens.observe(f64::from(output_tokens));
-    }
-}
-
-/// The canonical upper-case names (as in grpc-go and the gRPC docs), stable label values.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
