@@ -6,10 +6,13 @@
 use std::time::{Duration, Instant};
 
 use tandem_draft::{CoreConfig, DraftCore, DraftError};
-use tandem_model::{LoadOptions, Model, SeqInput};
+use tandem_model::{LoadOptions, Model};
 use tandem_proto::draft::v1::{DraftSampling, ProposeRequest, SequenceDraft, SequenceDraftRequest};
 use tandem_testkit::{tiny_model, TinyConfig, TinyModel};
 use tonic::Code;
+
+mod common;
+use common::greedy;
 
 struct Fixture {
     core: DraftCore,
@@ -30,41 +33,6 @@ fn fixture(cfg: TinyConfig, core_cfg: CoreConfig) -> Fixture {
 
 fn both_archs() -> [TinyConfig; 2] {
     [TinyConfig::llama(), TinyConfig::qwen2()]
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-        .map(|(i, _)| i as u32)
-        .unwrap()
-}
-
-/// The model's own greedy continuation: a plain forward loop, no EOS stop.
-fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let t = &model.transformer;
-    let mut kv = t.new_cache();
-    let slot = kv.allocate();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for _ in 0..n {
-        let logits = t
-            .forward(
-                &mut kv,
-                &[SeqInput {
-                    slot,
-                    tokens: &next,
-                    all_logits: false,
-                }],
-            )
-            .unwrap()
-            .to_vecs()
-            .unwrap();
-        let tok = argmax(&logits[0][0]);
-        out.push(tok);
-        next = vec![tok];
-    }
-    out
 }
 
 fn prompt(i: u32, len: usize) -> Vec<u32> {

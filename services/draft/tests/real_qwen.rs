@@ -7,42 +7,11 @@
 use std::time::Instant;
 
 use tandem_draft::{CoreConfig, DraftCore};
-use tandem_model::{ChatMessage, LoadOptions, Model, SeqInput};
+use tandem_model::{ChatMessage, LoadOptions, Model};
 use tandem_proto::draft::v1::{DraftSampling, ProposeRequest, SequenceDraftRequest};
 
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-        .map(|(i, _)| i as u32)
-        .unwrap()
-}
-
-fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let t = &model.transformer;
-    let mut kv = t.new_cache();
-    let slot = kv.allocate();
-    let mut out = Vec::new();
-    let mut next = prompt.to_vec();
-    for _ in 0..n {
-        let logits = t
-            .forward(
-                &mut kv,
-                &[SeqInput {
-                    slot,
-                    tokens: &next,
-                    all_logits: false,
-                }],
-            )
-            .unwrap()
-            .to_vecs()
-            .unwrap();
-        let tok = argmax(&logits[0][0]);
-        out.push(tok);
-        next = vec![tok];
-    }
-    out
-}
+mod common;
+use common::greedy;
 
 fn seq(id: u64, rollback_to: usize, append: Vec<u32>, max_tokens: u32) -> SequenceDraftRequest {
     SequenceDraftRequest {
