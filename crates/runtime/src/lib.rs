@@ -8,6 +8,7 @@
 mod drain;
 mod grpc;
 mod metrics;
+mod server;
 
 pub use drain::{Drain, InFlight};
 pub use grpc::{
@@ -17,6 +18,7 @@ pub use metrics::{
     grpc_code_name, latency_buckets, serve_metrics, spawn_metrics_server, token_count_buckets,
     MetricsRegistry, OPENMETRICS_CONTENT_TYPE,
 };
+pub use server::{LoadState, ServerHandle};
 
 /// Installs the global `tracing` subscriber: the filter comes from `RUST_LOG` (default `info`),
 /// output is JSON lines when `json` is set (log shippers), human-readable text otherwise.

@@ -31,7 +31,7 @@ use tandem_proto::draft::v1::drafter_server::{DrafterServer, SERVICE_NAME as DRA
 use tandem_proto::draft::v1::InfoResponse;
 use tandem_runtime::{
     health_service, reflection_v1, reflection_v1alpha, set_health, spawn_metrics_server, Drain,
-    MetricsRegistry, ServingStatus,
+    LoadState, MetricsRegistry, ServingStatus,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -116,51 +116,8 @@ impl DraftConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-enum LoadState {
-    Loading,
-    Ready,
-    Failed(String),
-}
-
 /// A running draft server.
-#[derive(Debug)]
-pub struct DraftHandle {
-    /// The bound gRPC address (the real port when `listen` asked for port 0).
-    pub addr: SocketAddr,
-    /// The bound metrics address, when serving metrics.
-    pub metrics_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    state: watch::Receiver<LoadState>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl DraftHandle {
-    /// Starts the graceful shutdown and returns at once; [`DraftHandle::join`] waits for it.
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
-    }
-
-    /// Waits until the model has loaded and the server reports SERVING; errors if loading failed.
-    pub async fn ready(&self) -> anyhow::Result<()> {
-        let mut rx = self.state.clone();
-        let state = rx
-            .wait_for(|s| !matches!(s, LoadState::Loading))
-            .await
-            .map(|s| s.clone())
-            .map_err(|_| anyhow::anyhow!("the draft server stopped while loading the model"))?;
-        match state {
-            LoadState::Failed(e) => Err(anyhow::anyhow!(e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits for the server to exit: after [`DraftHandle::shutdown`], a failed model load, or a
-    /// server failure.
-    pub async fn join(self) -> anyhow::Result<()> {
-        self.task.await.context("the draft server task panicked")?
-    }
-}
+pub type DraftHandle = tandem_runtime::ServerHandle;
 
 /// Runs a draft server until `shutdown` resolves (e.g. [`tandem_runtime::shutdown_signal`]),
 /// then drains and returns.
@@ -168,12 +125,7 @@ pub async fn serve(
     cfg: DraftConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut handle = spawn(cfg).await?;
-    tokio::select! {
-        r = &mut handle.task => return r.context("the draft server task panicked")?,
-        () = shutdown => handle.shutdown(),
-    }
-    handle.join().await
+    spawn(cfg).await?.serve_until(shutdown).await
 }
 
 /// Binds the gRPC (and metrics) ports, starts loading the model in the background and serves.
@@ -248,13 +200,14 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
         }
         result
     });
-    Ok(DraftHandle {
+    Ok(DraftHandle::new(
+        "the draft server",
         addr,
         metrics_addr,
         stop,
-        state: state_rx,
+        state_rx,
         task,
-    })
+    ))
 }
 
 /// Loads the model, warms it up and starts the core thread.

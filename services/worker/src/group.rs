@@ -22,7 +22,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::{LoadState, WorkerConfig, WorkerHandle};
+use crate::{WorkerConfig, WorkerHandle};
+use tandem_runtime::LoadState;
 
 /// How long a rank waits for the slowest rank of its group to finish loading its shard.
 pub const LOAD_BARRIER_TIMEOUT: Duration = Duration::from_secs(600);
@@ -257,13 +258,14 @@ pub(crate) async fn spawn_follower(
         server_stop: server_stop_tx,
         metrics_task: metrics_server.map(|(_, t)| t),
     }));
-    Ok(WorkerHandle {
+    Ok(WorkerHandle::new(
+        "the worker",
         addr,
         metrics_addr,
         stop,
-        state: state_rx,
+        state_rx,
         task,
-    })
+    ))
 }
 
 struct FollowerSupervisor {

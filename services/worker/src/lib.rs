@@ -30,7 +30,7 @@ use tandem_model::{LoadOptions, Model, QuantMode};
 use tandem_proto::shard::v1::shard_server::{ShardServer, SERVICE_NAME as SHARD_SERVICE};
 use tandem_runtime::{
     health_service, reflection_v1, reflection_v1alpha, set_health, spawn_metrics_server, Drain,
-    HealthReporter, MetricsRegistry, ServingStatus,
+    HealthReporter, LoadState, MetricsRegistry, ServingStatus,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -140,52 +140,8 @@ pub(crate) struct Loaded {
     pub _rendezvous: Option<tandem_discovery::Rendezvous>,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) enum LoadState {
-    Loading,
-    Ready,
-    Failed(String),
-}
-
 /// A running worker.
-#[derive(Debug)]
-pub struct WorkerHandle {
-    /// The bound gRPC address (the real port when `listen` asked for port 0).
-    pub addr: SocketAddr,
-    /// The bound metrics address, when serving metrics.
-    pub metrics_addr: Option<SocketAddr>,
-    pub(crate) stop: watch::Sender<bool>,
-    pub(crate) state: watch::Receiver<LoadState>,
-    pub(crate) task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl WorkerHandle {
-    /// Starts the graceful shutdown (NOT_SERVING, refuse new work, drain, exit) and returns at
-    /// once; [`WorkerHandle::join`] waits for it to finish.
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
-    }
-
-    /// Waits until the model has loaded and the worker reports SERVING; errors if loading failed.
-    pub async fn ready(&self) -> anyhow::Result<()> {
-        let mut rx = self.state.clone();
-        let state = rx
-            .wait_for(|s| !matches!(s, LoadState::Loading))
-            .await
-            .map(|s| s.clone())
-            .map_err(|_| anyhow::anyhow!("the worker stopped while loading the model"))?;
-        match state {
-            LoadState::Failed(e) => Err(anyhow::anyhow!(e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits for the worker to exit: after [`WorkerHandle::shutdown`], a failed model load, or a
-    /// server failure.
-    pub async fn join(self) -> anyhow::Result<()> {
-        self.task.await.context("the worker task panicked")?
-    }
-}
+pub type WorkerHandle = tandem_runtime::ServerHandle;
 
 /// Runs a worker until `shutdown` resolves (e.g. [`tandem_runtime::shutdown_signal`]), then
 /// drains and returns.
@@ -193,12 +149,7 @@ pub async fn serve(
     cfg: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut handle = spawn(cfg).await?;
-    tokio::select! {
-        r = &mut handle.task => return r.context("the worker task panicked")?,
-        () = shutdown => handle.shutdown(),
-    }
-    handle.join().await
+    spawn(cfg).await?.serve_until(shutdown).await
 }
 
 /// Binds the gRPC (and metrics) ports, starts loading the model in the background and serves.
@@ -271,13 +222,14 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
         server_stop: server_stop_tx,
         metrics_task: metrics_server.map(|(_, t)| t),
     }));
-    Ok(WorkerHandle {
+    Ok(WorkerHandle::new(
+        "the worker",
         addr,
         metrics_addr,
         stop,
-        state: state_rx,
+        state_rx,
         task,
-    })
+    ))
 }
 
 /// Loads the model on a blocking thread; `Ready` once `loaded` is set.
