@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_collective::Communicator;
 use tandem_model::{KvCache, Model, SeqInput, SlotId, TextModel, Transformer};
@@ -93,6 +93,8 @@ pub struct EngineStats {
 enum Command {
     Submit(Box<Pending>),
     Cancel(u64),
+    /// Stop now: refuse what is left, end the group, then answer on the channel.
+    Shutdown(std_mpsc::Sender<()>),
 }
 
 struct Pending {
@@ -233,6 +235,20 @@ impl Engine {
         &self.cfg
     }
 
+    /// Stops the engine thread and, in a group, ends the followers with a shutdown plan; waits
+    /// up to `timeout` for that to happen. A process must call this before it exits: other
+    /// handles (a server's, a stream's) may outlive its `main`, and a follower would otherwise
+    /// see the leader's connection drop and report the group failed. Requests still queued or
+    /// running get `EngineError::Stopped`. Returns false if the thread did not answer in time.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        let (tx, rx) = std_mpsc::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_err() {
+            // The thread is already gone.
+            return true;
+        }
+        rx.recv_timeout(timeout).is_ok()
+    }
+
     /// Validates and queues a request. Refuses at once (nothing queued) on bad input, a prompt
     /// that does not fit the context, or a full queue.
     pub fn submit(&self, req: Request) -> Result<Generation, EngineError> {
@@ -326,6 +342,8 @@ struct Scheduler {
     ngram: NgramDrafter,
     draft_model: Option<Box<dyn Drafter>>,
     costs: CostModel,
+    /// Set by `Engine::shutdown`: the loop ends and answers here once the group is told.
+    shutdown_ack: Option<std_mpsc::Sender<()>>,
 }
 
 impl Scheduler {
@@ -355,6 +373,7 @@ impl Scheduler {
             // free; a draft model a third of the target's size, about a third (measured after
             // its first call).
             costs: CostModel::new(max_tokens, &[0.0, 0.35]),
+            shutdown_ack: None,
         }
     }
 
@@ -409,6 +428,9 @@ impl Scheduler {
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
             }
+            if self.shutdown_ack.is_some() {
+                break;
+            }
             if let Some(why) = &self.failed {
                 // Refuse what arrived; keep draining commands until every handle is gone.
                 let err = EngineError::GroupFailed(why.clone());
@@ -424,6 +446,13 @@ impl Scheduler {
             }
             self.publish_stats();
         }
+        for r in self.running.drain(..) {
+            let _ = r.events.send(Event::Error(EngineError::Stopped));
+        }
+        for p in self.waiting.drain(..) {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let _ = p.events.send(Event::Error(EngineError::Stopped));
+        }
         // Tell the followers to stop (they would otherwise wait for the next plan forever).
         if let (Some(comm), None) = (&self.group, &self.failed) {
             let mut bytes = StepPlan {
@@ -433,10 +462,14 @@ impl Scheduler {
             .encode();
             let _ = comm.broadcast(0, &mut bytes);
         }
+        if let Some(ack) = self.shutdown_ack.take() {
+            let _ = ack.send(());
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Shutdown(ack) => self.shutdown_ack = Some(ack),
             Command::Submit(p) => self.waiting.push_back(*p),
             Command::Cancel(id) => {
                 if let Some(i) = self.waiting.iter().position(|p| p.id == id) {

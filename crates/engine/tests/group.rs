@@ -175,3 +175,28 @@ fn a_dead_follower_fails_the_group_fast() {
         .group_failed
         .load(std::sync::atomic::Ordering::SeqCst));
 }
+
+#[test]
+fn explicit_shutdown_ends_the_followers_while_other_handles_live() {
+    let tiny = tiny_model(&cfg()).unwrap();
+    let (leader, followers) = group(&tiny.dir, 2, Duration::from_secs(2));
+    let handles: Vec<_> = followers
+        .into_iter()
+        .map(|(m, c)| std::thread::spawn(move || Follower::new(m.transformer, c).run()))
+        .collect();
+    // A clone held elsewhere (a server's, a stream's) must not keep the group alive.
+    let other = leader.clone();
+    let long = leader.submit(greedy(vec![1, 2, 3], 400)).unwrap();
+    assert!(leader.shutdown(Duration::from_secs(10)));
+    // The follower got the shutdown plan: a clean end, not a broken connection.
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    // What was still running is told, and later submissions find the engine stopped.
+    let err = long.collect_blocking().err();
+    assert!(matches!(err, Some(EngineError::Stopped)), "{err:?}");
+    let again = other
+        .submit(greedy(vec![1], 2))
+        .and_then(|g| g.collect_blocking());
+    assert!(matches!(again, Err(EngineError::Stopped)), "{again:?}");
+}

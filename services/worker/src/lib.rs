@@ -47,6 +47,8 @@ use crate::service::{ShardService, Shared};
 
 /// How often a group leader checks whether its group has failed.
 const GROUP_POLL: Duration = Duration::from_millis(200);
+/// How long shutdown waits for the engine to finish its step and end the group.
+const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Responses may be larger than requests: a 150k-token vocabulary's tokenizer.json is ~7 MB.
 const MIN_RESPONSE_LIMIT: usize = 64 << 20;
@@ -534,6 +536,17 @@ async fn supervise(mut s: Supervisor) -> anyhow::Result<()> {
         }
     } else {
         s.drain.start();
+    }
+    // Stop the engine before returning: in a group this is what ends the followers cleanly
+    // (handles held elsewhere would otherwise keep it running until the process exits).
+    if let Some(l) = s.loaded.get() {
+        let engine = l.engine.clone();
+        let ended = tokio::task::spawn_blocking(move || engine.shutdown(ENGINE_STOP_TIMEOUT))
+            .await
+            .unwrap_or(false);
+        if !ended {
+            tracing::warn!("the engine did not stop within {ENGINE_STOP_TIMEOUT:?}");
+        }
     }
     if let Some(t) = s.metrics_task.take() {
         t.abort();
