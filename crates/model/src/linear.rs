@@ -63,6 +63,8 @@ pub struct Linear {
     /// The f32 copy of a quantized weight, when `BatchMatmul::keep_dense_copy`.
     dense_copy: Option<Tensor>,
     dense_from_rows: usize,
+    /// Run single rows as two (the second a zero row): see `single_row_kernel_differs`.
+    pad_single_row: bool,
     bias: Option<Tensor>,
     out_features: usize,
     /// Row-parallel: this rank holds a slice of the input columns, so its output is a partial
@@ -96,11 +98,18 @@ impl Linear {
             LinearWeight::Quantized(q) if has_fast_batched_kernel(q) => usize::MAX,
             _ => policy.dense_from_rows,
         };
+        let pad_single_row = match (&weight, &matmul) {
+            (LinearWeight::Quantized(q), Some(m)) => {
+                single_row_kernel_differs(m, q.shape().dims2()?.1, &q.device())?
+            }
+            _ => false,
+        };
         Ok(Self {
             weight,
             matmul,
             dense_copy,
             dense_from_rows,
+            pad_single_row,
             bias,
             out_features,
             reduce: None,
@@ -145,6 +154,10 @@ impl Linear {
             (LinearWeight::Quantized(q), Some(_), None) if rows >= self.dense_from_rows => {
                 x.matmul(&q.dequantize(x.device())?.t()?)?
             }
+            (LinearWeight::Quantized(_), Some(m), _) if rows == 1 && self.pad_single_row => {
+                let padded = Tensor::cat(&[x, &x.zeros_like()?], 0)?;
+                m.forward(&padded)?.narrow(0, 0, 1)?
+            }
             (LinearWeight::Quantized(_), Some(m), _) => m.forward(x)?,
         };
         let y = match &self.reduce {
@@ -156,6 +169,25 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// Whether candle's quantized kernel gives a row other bits alone than in a batch. candle runs
+/// some types through one kernel for a single row and another for several (on x86 with AVX2:
+/// Q6_K, compact GEMV vs repacked tiles), which differ in the last bits. Those bits matter: the
+/// next layer quantizes its input to int8, so a flipped rounding there grows to tenths of a
+/// logit, and then verifying drafted tokens in one batch would disagree with decoding them one
+/// at a time. Probed once per weight at load (two passes over it) rather than read from
+/// candle's private kernel choice, which changes between versions.
+fn single_row_kernel_differs(m: &QMatMul, k: usize, device: &candle_core::Device) -> Result<bool> {
+    // A fixed, varied input (no RNG), with a large entry as real activations have.
+    let row: Vec<f32> = (0..k)
+        .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * if i == 3 { 400.0 } else { 2.0 })
+        .collect();
+    let one = Tensor::from_vec(row.clone(), (1, k), device)?;
+    let two = Tensor::from_vec([row.clone(), row].concat(), (2, k), device)?;
+    let a: Vec<f32> = m.forward(&one)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = m.forward(&two)?.narrow(0, 0, 1)?.flatten_all()?.to_vec1()?;
+    Ok(a.iter().zip(&b).any(|(x, y)| x.to_bits() != y.to_bits()))
 }
 
 /// Token embeddings: dense rows, or quantized rows dequantized on lookup (so a 150k-token

@@ -185,22 +185,44 @@ impl Attention {
             let k_new = k.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
             let v_new = v.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
             let (k_all, v_all) = kv.append(s.slot, layer, &k_new, &v_new)?;
-            let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-            if n > 1 {
+            let o = if n <= ROW_EXACT_MAX_ROWS {
+                // Each query row attends exactly as a single decoded token would: over its own
+                // keys only, with the same shapes. Batched with a causal mask the matmul and
+                // softmax sum over longer rows in another order; on quantized weights those
+                // 1e-6 differences flip roundings of the int8-quantized activations and grow to
+                // 0.3-0.5 logits (Qwen2.5 1.5B), enough to make speculative verification pick
+                // other tokens than plain decoding at ordinary margins.
+                let mut rows = Vec::with_capacity(n);
+                let q = q.reshape((kvh, group, n, hd))?;
+                for i in 0..n {
+                    let len = s.start + i + 1;
+                    let q_i = q.narrow(2, i, 1)?.reshape((kvh, group, hd))?;
+                    let k_i = k_all.narrow(1, 0, len)?;
+                    let v_i = v_all.narrow(1, 0, len)?;
+                    let scores = (q_i.matmul(&k_i.t()?)? * scale)?;
+                    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                    // [kvh, group, hd] → [h, 1, hd]
+                    rows.push(probs.matmul(&v_i.contiguous()?)?.reshape((h, 1, hd))?);
+                }
+                Tensor::cat(&rows, 1)?
+            } else {
+                let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
                 scores = scores.broadcast_add(&causal_mask(n, s.start, group, x.device())?)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = probs.matmul(&v_all.contiguous()?)?; // [kvh, group*n, hd]
-            outs.push(
-                o.reshape((h, n, hd))?
-                    .transpose(0, 1)?
-                    .reshape((n, h * hd))?,
-            );
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                // [kvh, group*n, hd] → [h, n, hd]
+                probs.matmul(&v_all.contiguous()?)?.reshape((h, n, hd))?
+            };
+            outs.push(o.transpose(0, 1)?.reshape((n, h * hd))?);
         }
         let o = Tensor::cat(&outs, 0)?;
         self.o.forward(&o)
     }
 }
+
+/// Chunks of up to this many rows (decoded tokens, a verification's 1 + up to 16 drafted
+/// tokens, short prefill tails) attend row by row, bit-identical to decoding them one at a time.
+/// Longer prefill chunks attend in one masked matmul, which is faster.
+const ROW_EXACT_MAX_ROWS: usize = 32;
 
 /// `[group * n, start + n]`: query i (at position start + i) sees keys 0..=start + i.
 fn causal_mask(n: usize, start: usize, group: usize, device: &Device) -> Result<Tensor> {

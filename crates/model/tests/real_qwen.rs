@@ -35,3 +35,32 @@ fn qwen_coder_writes_python() {
     eprintln!("{text}");
     assert!(text.contains("def ") && text.contains("return"), "{text}");
 }
+
+/// Verification scores drafted tokens in one batched forward; plain decoding scores them one at
+/// a time. On these quantized weights the two must give the same bits, or speculative greedy
+/// picks other tokens than plain greedy (before the row-exact attention and the single-row
+/// padding of Q6_K they differed by up to 0.5 logits).
+#[test]
+fn qwen_scores_a_token_batched_with_the_bits_it_gets_alone() {
+    let Some(path) = tandem_testkit::real_model("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b")
+    else {
+        return;
+    };
+    let model = Model::load(
+        &path,
+        &LoadOptions {
+            max_context: Some(512),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let ids = model
+        .text
+        .encode(
+            "def is_prime(n):\n    \"\"\"Return True if n is prime.\"\"\"\n    if n < 2:\n        return False\n    for i in range(2, int(n ** 0.5) + 1):",
+            false,
+        )
+        .unwrap();
+    let (alone, batched) = common::logits_alone_and_batched(&model, &ids, 6);
+    common::assert_same_bits(&alone, &batched);
+}

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::generation_client::GenerationClient;
 use tandem_proto::v1::{
-    generate_request, speculation, GenerateRequest, ListModelsRequest, Speculation,
-    StoppingCriteria, TokenIds,
+    generate_request, speculation, ChatMessage, ChatMessages, GenerateRequest, ListModelsRequest,
+    Speculation, StoppingCriteria, TokenIds,
 };
 use tandem_testkit::{tiny_model, TinyConfig};
 use tonic::transport::Channel;
@@ -348,4 +348,83 @@ fn dirs_model(file: &str) -> Option<std::path::PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tandem/models")))?;
     let p = cache.join(file);
     p.exists().then_some(p)
+}
+
+/// The real pair `tandem up` runs: Qwen2.5-Coder-1.5B (Q4_K/Q6_K) verifying drafts of the 0.5B
+/// draft service. Speculative greedy must give plain greedy's tokens exactly: verification
+/// scores drafted tokens in one batched forward, decoding one at a time, and the model makes
+/// both give the same bits (row-exact attention, single rows padded where candle's kernels
+/// differ). Three code prompts at once, so rows of several sequences share each forward.
+#[tokio::test(flavor = "multi_thread")]
+async fn real_qwen_pair_speculative_greedy_equals_plain() {
+    let Some(target) = tandem_testkit::real_model("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b")
+    else {
+        return;
+    };
+    let Some(draft_model) =
+        tandem_testkit::real_model("qwen2.5-coder-0.5b-instruct.gguf", "qwen-0.5b")
+    else {
+        return;
+    };
+    let pair = start(&target, &draft_model).await;
+    let t0 = Instant::now();
+    while pair.metric("tandem_worker_draft_paired").await < 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the draft was never paired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = pair.client().await;
+    let tasks = [
+        "Write a Python function that checks whether a number is prime, with a docstring and tests.",
+        "Write a Rust function that parses a CSV line into fields, with tests.",
+        "Write a JavaScript debounce function with JSDoc.",
+    ];
+    let run = |mode: speculation::Mode| {
+        let c = c.clone();
+        async move {
+            let gens: Vec<_> = tasks
+                .iter()
+                .map(|t| {
+                    let mut c = c.clone();
+                    let r = GenerateRequest {
+                        input: Some(generate_request::Input::Chat(ChatMessages {
+                            messages: vec![ChatMessage {
+                                role: "user".into(),
+                                content: (*t).into(),
+                            }],
+                        })),
+                        stopping: Some(StoppingCriteria {
+                            max_new_tokens: Some(96),
+                            ..Default::default()
+                        }),
+                        speculation: Some(Speculation {
+                            mode: mode as i32,
+                            max_draft_tokens: 0,
+                        }),
+                        ..Default::default()
+                    };
+                    tokio::spawn(async move { c.generate(r).await.unwrap().into_inner() })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for g in gens {
+                let r = g.await.unwrap();
+                out.push((r.token_ids, r.usage.unwrap().accepted_draft_tokens));
+            }
+            out
+        }
+    };
+    let plain = run(speculation::Mode::Off).await;
+    let spec = run(speculation::Mode::DraftModel).await;
+    for (i, ((p, _), (s, accepted))) in plain.iter().zip(&spec).enumerate() {
+        let at = p.iter().zip(s).position(|(a, b)| a != b);
+        assert!(
+            at.is_none() && p.len() == s.len(),
+            "prompt {}: speculative greedy left plain greedy at token {at:?}",
+            i + 1
+        );
+        assert!(*accepted > 0, "prompt {}: no draft accepted", i + 1);
+    }
 }
