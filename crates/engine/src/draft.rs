@@ -13,6 +13,8 @@ pub struct DraftRequest<'a> {
     pub context: &'a [u32],
     /// Most tokens to propose.
     pub max_tokens: usize,
+    /// Candidate drafts wanted (multi-candidate drafting); a drafter may return fewer. 1: one.
+    pub candidates: usize,
     /// How the verifier samples: a model drafter draws from its own distribution under the same
     /// settings (closer to the target's, so more gets accepted). Greedy when temperature is 0.
     pub sampling: DraftSampling,
@@ -34,6 +36,9 @@ pub struct DraftSampling {
 pub struct Draft {
     pub tokens: Vec<u32>,
     pub q: Vec<Vec<(u32, f32)>>,
+    /// Further candidates for the same step (multi-candidate drafting), each verified in its
+    /// own KV slot; the verifier keeps whichever it accepts most of (`verify_candidates`).
+    pub alternatives: Vec<Draft>,
 }
 
 pub trait Drafter: Send {
@@ -95,25 +100,30 @@ impl NgramDrafter {
         self.state.get(&seq).map_or(self.max_k.min(4), |s| s.k)
     }
 
-    fn lookup(&self, ctx: &[u32], k: usize) -> Vec<u32> {
+    /// Up to `want` distinct continuations of length ≤ k: longest n-gram first, latest match
+    /// first (recent text predicts best). A match must end before the tail itself so there is
+    /// something after it to propose.
+    fn lookup(&self, ctx: &[u32], k: usize, want: usize) -> Vec<Vec<u32>> {
+        let mut found: Vec<Vec<u32>> = Vec::new();
         for n in (self.min_n..=self.max_n).rev() {
             if ctx.len() <= n {
                 continue;
             }
             let tail = &ctx[ctx.len() - n..];
-            // Latest match first: recent text predicts best. The match must end before the
-            // tail itself so there is something after it to propose.
             for start in (0..ctx.len() - n).rev() {
                 if &ctx[start..start + n] == tail {
                     let from = start + n;
                     let to = (from + k).min(ctx.len());
-                    if from < to {
-                        return ctx[from..to].to_vec();
+                    if from < to && !found.iter().any(|f| f[..] == ctx[from..to]) {
+                        found.push(ctx[from..to].to_vec());
+                        if found.len() >= want {
+                            return found;
+                        }
                     }
                 }
             }
         }
-        Vec::new()
+        found
     }
 }
 
@@ -128,13 +138,20 @@ impl Drafter for NgramDrafter {
         reqs.iter()
             .map(|r| {
                 let k = self.draft_len(r.seq).min(r.max_tokens);
-                let tokens = if k == 0 {
+                let found = if k == 0 {
                     Vec::new()
                 } else {
-                    self.lookup(r.context, k)
+                    self.lookup(r.context, k, r.candidates.max(1))
                 };
-                let q = tokens.iter().map(|&t| vec![(t, 1.0)]).collect();
-                Draft { tokens, q }
+                let point = |tokens: Vec<u32>| Draft {
+                    q: tokens.iter().map(|&t| vec![(t, 1.0)]).collect(),
+                    tokens,
+                    alternatives: Vec::new(),
+                };
+                let mut found = found.into_iter().map(point);
+                let mut first = found.next().unwrap_or_default();
+                first.alternatives = found.collect();
+                first
             })
             .collect()
     }
@@ -170,6 +187,7 @@ mod tests {
             seq: 1,
             context: ctx,
             max_tokens: max,
+            candidates: 1,
             sampling: DraftSampling::default(),
         }])
         .remove(0)
@@ -187,9 +205,32 @@ mod tests {
             seq: 1,
             context: &ctx,
             max_tokens: 2,
+            candidates: 1,
             sampling: DraftSampling::default(),
         }]);
         assert_eq!(q[0].q, vec![vec![(9, 1.0)], vec![(1, 1.0)]]);
+    }
+
+    #[test]
+    fn proposes_several_distinct_continuations_when_asked() {
+        let mut d = NgramDrafter::new(1, 2, 8);
+        // "7 8" was followed by "9 1", then "4 4", then "9 1" again (a duplicate), and "8" alone
+        // by "3".
+        let ctx = [7, 8, 9, 1, 0, 7, 8, 4, 4, 0, 7, 8, 9, 1, 8, 3, 0, 7, 8];
+        let got = d.propose(&[DraftRequest {
+            seq: 1,
+            context: &ctx,
+            max_tokens: 2,
+            candidates: 4,
+            sampling: DraftSampling::default(),
+        }]);
+        let mut all = vec![got[0].tokens.clone()];
+        all.extend(got[0].alternatives.iter().map(|a| a.tokens.clone()));
+        assert_eq!(all, vec![vec![9, 1], vec![4, 4], vec![3, 0]]);
+        assert!(got[0]
+            .alternatives
+            .iter()
+            .all(|a| a.q.len() == a.tokens.len()));
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub(crate) enum SlotOp {
     Alloc(usize),
     Free(usize),
     Truncate(usize, usize),
+    /// (src, dst, len): dst becomes a copy of src's first len positions.
+    Copy(usize, usize, usize),
 }
 
 /// One step of the group.
@@ -53,6 +55,12 @@ impl StepPlan {
                     put(s);
                     put(len)
                 }
+                SlotOp::Copy(src, dst, len) => {
+                    put(3);
+                    put(src);
+                    put(dst);
+                    put(len)
+                }
             }
         }
         put(self.batch.len());
@@ -83,6 +91,7 @@ impl StepPlan {
                 0 => SlotOp::Alloc(slot),
                 1 => SlotOp::Free(slot),
                 2 => SlotOp::Truncate(slot, arg),
+                3 => SlotOp::Copy(slot, arg, next()?),
                 k => return Err(format!("unknown slot op {k}")),
             });
         }
@@ -109,6 +118,9 @@ pub(crate) fn apply_ops(kv: &mut KvCache, ops: &[SlotOp]) -> Result<(), String> 
             SlotOp::Alloc(s) => kv.allocate_at(SlotId(s)),
             SlotOp::Free(s) => kv.free(SlotId(s)),
             SlotOp::Truncate(s, len) => kv.truncate(SlotId(s), len).map_err(|e| e.to_string())?,
+            SlotOp::Copy(src, dst, len) => kv
+                .copy_slot(SlotId(src), SlotId(dst), len)
+                .map_err(|e| e.to_string())?,
         }
     }
     Ok(())
@@ -190,7 +202,12 @@ mod tests {
     #[test]
     fn plan_round_trips() {
         let p = StepPlan {
-            ops: vec![SlotOp::Alloc(3), SlotOp::Free(1), SlotOp::Truncate(2, 17)],
+            ops: vec![
+                SlotOp::Alloc(3),
+                SlotOp::Free(1),
+                SlotOp::Truncate(2, 17),
+                SlotOp::Copy(2, 3, 9),
+            ],
             batch: vec![(3, vec![1, 2, 3], false), (2, vec![9], true)],
             shutdown: false,
         };

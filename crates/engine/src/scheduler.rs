@@ -23,7 +23,9 @@ use crate::draft::{Draft, DraftRequest, DraftSampling, Drafter, NgramDrafter};
 use crate::group::{SlotOp, StepPlan};
 use crate::request::{EngineError, Event, Request, TokenEvent, Usage};
 use crate::sampling::{Sampled, Sampler};
-use crate::speculate::{Acceptance, Candidate, CostModel, SpecMode, MAX_DRAFT_TOKENS};
+use crate::speculate::{
+    Acceptance, Candidate, CostModel, SpecMode, MAX_DRAFT_CANDIDATES, MAX_DRAFT_TOKENS,
+};
 use crate::stopping::{FinishReason, StopChecker};
 
 #[derive(Debug, Clone)]
@@ -43,6 +45,11 @@ pub struct EngineConfig {
     /// Let the cost model choose draft lengths (default). Off: always draft the most allowed,
     /// as fixed-k implementations do (for comparison in benchmarks, and deterministic tests).
     pub adaptive_draft: bool,
+    /// Candidate drafts per sequence per step from the n-gram drafter (multi-candidate
+    /// drafting; the draft service proposes one). Each extra candidate is scored in its own KV
+    /// slot, a copy of the sequence's, in the same forward; the verifier keeps the candidate it
+    /// accepts most of. 1: a single draft.
+    pub draft_candidates: usize,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +61,7 @@ impl Default for EngineConfig {
             default_speculation: SpecMode::Off,
             max_draft_tokens: 8,
             adaptive_draft: true,
+            draft_candidates: 1,
         }
     }
 }
@@ -74,6 +82,8 @@ pub struct EngineStats {
     /// Speculative decoding: tokens drafted and accepted by the verifier.
     pub draft_tokens: AtomicU64,
     pub accepted_draft_tokens: AtomicU64,
+    /// Steps where the verifier kept an alternative candidate (multi-candidate drafting).
+    pub alternative_wins: AtomicU64,
     /// Drafts verified (one per sequence per step with at least one drafted token).
     pub drafts: AtomicU64,
     /// Per draft position (0 = the first drafted token): drafted there, accepted there.
@@ -309,6 +319,8 @@ struct Running {
     /// steps since the last draft (to probe again after the cost model stopped drafting).
     drafter: Option<DrafterKind>,
     max_draft: usize,
+    /// Candidate drafts per step (multi-candidate drafting).
+    candidates: usize,
     max_new: usize,
     accepted_draft: usize,
     acceptance: Acceptance,
@@ -514,6 +526,11 @@ impl Scheduler {
                 n => n,
             }
             .min(MAX_DRAFT_TOKENS);
+            let candidates = match spec.candidates {
+                0 => self.cfg.draft_candidates,
+                n => n,
+            }
+            .clamp(1, MAX_DRAFT_CANDIDATES);
             let max_new = p.req.stop.max_new_tokens;
             let mut stop = p.req.stop.clone();
             if !p.req.ignore_eos {
@@ -536,6 +553,7 @@ impl Scheduler {
                 first_token_at: None,
                 drafter,
                 max_draft,
+                candidates,
                 max_new,
                 accepted_draft: 0,
                 acceptance: Acceptance::new(0.6),
@@ -647,7 +665,7 @@ impl Scheduler {
                     }
                 };
                 slots.push((which[n], k));
-                reqs.push((r.id, k, sampling));
+                reqs.push((r.id, k, sampling, r.candidates));
             }
             if reqs.is_empty() {
                 continue;
@@ -655,10 +673,14 @@ impl Scheduler {
             let requests: Vec<DraftRequest<'_>> = reqs
                 .iter()
                 .zip(&slots)
-                .map(|(&(seq, k, sampling), &(j, _))| DraftRequest {
+                .map(|(&(seq, k, sampling, candidates), &(j, _))| DraftRequest {
                     seq,
                     context: &self.running[decoding[j]].tokens,
                     max_tokens: k,
+                    candidates: match kind {
+                        DrafterKind::Ngram => candidates,
+                        DrafterKind::Model => 1,
+                    },
                     sampling,
                 })
                 .collect();
@@ -685,10 +707,20 @@ impl Scheduler {
             }
             for ((j, k), mut d) in slots.into_iter().zip(out) {
                 // A drafter must not hand back more than asked or a q per token short.
-                d.tokens.truncate(k);
-                d.q.truncate(d.tokens.len());
-                if d.q.len() < d.tokens.len() {
-                    d.tokens.truncate(d.q.len());
+                let fit = |d: &mut Draft| {
+                    d.tokens.truncate(k);
+                    d.q.truncate(d.tokens.len());
+                    if d.q.len() < d.tokens.len() {
+                        d.tokens.truncate(d.q.len());
+                    }
+                };
+                fit(&mut d);
+                d.alternatives
+                    .truncate(self.running[decoding[j]].candidates.saturating_sub(1));
+                d.alternatives.iter_mut().for_each(fit);
+                d.alternatives.retain(|a| !a.tokens.is_empty());
+                if d.tokens.is_empty() {
+                    d.alternatives.clear();
                 }
                 drafts[j] = d;
             }
@@ -718,11 +750,36 @@ impl Scheduler {
         let drafts = self.draft(&decoding, budget, prefill);
         // (running index, input tokens, the draft verified in it)
         let mut plan: Vec<(usize, Vec<u32>, Draft)> = Vec::new();
-        for (&i, d) in decoding.iter().zip(drafts) {
-            let r = &self.running[i];
-            let mut input = vec![r.tokens[r.cached]];
+        // Extra candidates: (plan index, their own slot, input tokens), scored after `plan`.
+        let mut alts: Vec<(usize, SlotId, Vec<u32>)> = Vec::new();
+        for (&i, mut d) in decoding.iter().zip(drafts) {
+            let (last, src, cached) = {
+                let r = &self.running[i];
+                (r.tokens[r.cached], r.slot, r.cached)
+            };
+            let mut input = vec![last];
             input.extend_from_slice(&d.tokens);
             budget = budget.saturating_sub(input.len());
+            for a in std::mem::take(&mut d.alternatives) {
+                let n = 1 + a.tokens.len();
+                if n > budget {
+                    break;
+                }
+                let slot = self.allocate_slot();
+                if let Err(e) = self.kv.copy_slot(src, slot, cached) {
+                    tracing::error!(error = %e, "copying a KV slot for a draft candidate");
+                    self.free_slot(slot);
+                    break;
+                }
+                if self.group.is_some() {
+                    self.pending_ops.push(SlotOp::Copy(src.0, slot.0, cached));
+                }
+                budget -= n;
+                let mut alt_input = vec![last];
+                alt_input.extend_from_slice(&a.tokens);
+                alts.push((plan.len(), slot, alt_input));
+                d.alternatives.push(a);
+            }
             plan.push((i, input, d));
         }
         for (i, r) in self.running.iter().enumerate() {
@@ -747,6 +804,11 @@ impl Scheduler {
                 tokens: input,
                 all_logits: !d.tokens.is_empty(),
             })
+            .chain(alts.iter().map(|(_, slot, input)| SeqInput {
+                slot: *slot,
+                tokens: input,
+                all_logits: true,
+            }))
             .collect();
         let started = Instant::now();
         if let Some(comm) = &self.group {
@@ -779,14 +841,25 @@ impl Scheduler {
                 .record(tokens_in_step, started.elapsed().as_secs_f64());
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let alt_slots: Vec<SlotId> = alts.iter().map(|a| a.1).collect();
         let logits = match result {
-            Ok(l) => l,
+            Ok(mut l) => {
+                // Each extra candidate's rows, by the plan entry it belongs to.
+                let mut alt_rows: Vec<Vec<(SlotId, Vec<Vec<f32>>)>> = vec![Vec::new(); plan.len()];
+                for ((p, slot, _), rows) in alts.iter().zip(l.split_off(plan.len().min(l.len()))) {
+                    alt_rows[*p].push((*slot, rows));
+                }
+                l.into_iter().zip(alt_rows).collect::<Vec<_>>()
+            }
             Err(e) if self.group.is_some() => {
                 // In a group a failed forward means a failed all-reduce: a rank is gone.
                 self.fail_group(format!("forward: {e}"));
                 return;
             }
             Err(e) => {
+                for slot in alt_slots {
+                    self.free_slot(slot);
+                }
                 // A failed forward must not hang anyone: fail the sequences of this step.
                 tracing::error!(error = %e, "forward failed; failing the step's sequences");
                 let mut ids: Vec<usize> = plan.iter().map(|(i, _, _)| *i).collect();
@@ -803,7 +876,8 @@ impl Scheduler {
             }
         };
         let mut finished = Vec::new();
-        for ((i, input, draft), rows) in plan.into_iter().zip(logits) {
+        let mut alt_free = Vec::new();
+        for ((i, input, mut draft), (rows, alt_rows)) in plan.into_iter().zip(logits) {
             let r = &mut self.running[i];
             let drafted = draft.tokens.len();
             if drafted == 0 {
@@ -820,7 +894,30 @@ impl Scheduler {
                 }
                 continue;
             }
-            let (accepted, done) = Self::verify(r, &draft, &rows, &self.stats);
+            // The candidates: this draft, then its alternatives with their own slots and rows.
+            let mut candidates = vec![Draft {
+                alternatives: Vec::new(),
+                ..draft.clone()
+            }];
+            candidates.extend(std::mem::take(&mut draft.alternatives));
+            let mut cand_rows: Vec<&[Vec<f32>]> = vec![&rows];
+            cand_rows.extend(alt_rows.iter().map(|(_, r)| &r[..]));
+            let (winner, accepted, done) = Self::verify(r, &candidates, &cand_rows, &self.stats);
+            let drafted = candidates[winner].tokens.len();
+            if winner > 0 {
+                self.stats.alternative_wins.fetch_add(1, Ordering::Relaxed);
+                // The winning candidate's slot holds the accepted tokens: it becomes the
+                // sequence's; the old one is freed with the other candidates' below.
+                let old = r.slot;
+                r.slot = alt_rows[winner - 1].0;
+                alt_free.push(old);
+            }
+            for (n, (slot, _)) in alt_rows.iter().enumerate() {
+                if n + 1 != winner {
+                    alt_free.push(*slot);
+                }
+            }
+            let r = &mut self.running[i];
             r.acceptance.record(drafted, accepted);
             match r.drafter {
                 Some(DrafterKind::Ngram) => self.ngram.feedback(r.id, drafted, accepted),
@@ -843,6 +940,9 @@ impl Scheduler {
             } else if self.group.is_some() {
                 self.pending_ops.push(SlotOp::Truncate(slot.0, keep));
             }
+        }
+        for slot in alt_free {
+            self.free_slot(slot);
         }
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
@@ -873,13 +973,13 @@ impl Scheduler {
     /// `Some` when the sequence is done.
     fn verify(
         r: &mut Running,
-        draft: &Draft,
-        rows: &[Vec<f32>],
+        drafts: &[Draft],
+        rows: &[&[Vec<f32>]],
         stats: &EngineStats,
-    ) -> (usize, Option<Option<FinishReason>>) {
-        let v = crate::speculate::verify(&mut r.sampler, draft, rows);
+    ) -> (usize, usize, Option<Option<FinishReason>>) {
+        let (winner, v) = crate::speculate::verify_candidates(&mut r.sampler, drafts, rows);
         // Counted before the tokens go out, so a caller that saw the last token sees them.
-        let drafted = draft.tokens.len();
+        let drafted = drafts.get(winner).map_or(0, |d| d.tokens.len());
         stats.drafts.fetch_add(1, Ordering::Relaxed);
         stats
             .draft_tokens
@@ -899,10 +999,10 @@ impl Scheduler {
                 r.accepted_draft += 1;
             }
             if let Some(done) = Self::deliver(r, s, stats) {
-                return (n.min(v.accepted) + usize::from(drafted), Some(done));
+                return (winner, n.min(v.accepted) + usize::from(drafted), Some(done));
             }
         }
-        (v.accepted, None)
+        (winner, v.accepted, None)
     }
 
     /// Sends one chosen token's event; returns `Some` when the sequence is done.

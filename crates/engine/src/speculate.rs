@@ -33,7 +33,12 @@ pub struct Speculation {
     pub mode: SpecMode,
     /// Most drafted tokens per step; 0 = the engine's default.
     pub max_draft_tokens: usize,
+    /// Candidate drafts per step (n-gram drafter); 0 = the engine's default.
+    pub candidates: usize,
 }
+
+/// Most candidate drafts per sequence per step.
+pub const MAX_DRAFT_CANDIDATES: usize = 8;
 
 /// Running acceptance rate of one sequence's drafts, per drafted token: the chance that a
 /// drafted token is accepted given the ones before it were. Estimated as accepted / (accepted +
@@ -365,47 +370,138 @@ pub struct Verified {
 /// p is the sampler's full distribution (temperature, filters, penalties with the history so
 /// far, which grows with each emitted token).
 pub fn verify(sampler: &mut Sampler, draft: &Draft, rows: &[Vec<f32>]) -> Verified {
+    verify_candidates(sampler, std::slice::from_ref(draft), &[rows]).1
+}
+
+/// Verifies several candidate drafts of one sequence (multi-candidate drafting) and returns the
+/// candidate whose tokens were kept, with the outcome. `rows[c][j]` is the target's logits after
+/// the context and candidate c's first j tokens. Position by position, over the candidates that
+/// agree with everything accepted so far:
+/// - greedy: the target's token is accepted if any of them drafted it; otherwise it replaces
+///   them and verification stops. Plain greedy's output, token for token.
+/// - sampling: recursive rejection (SpecInfer's multi-step speculative sampling): each candidate
+///   in turn is accepted with probability min(1, p(x)/q(x)); a rejection replaces p by
+///   normalize(max(0, p − q)) for the next one; when all are rejected the token is drawn from
+///   what is left of p. Exact for candidates that are deterministic and distinct (q = 1 on the
+///   token, the n-gram drafter) or drawn independently from the same q.
+///
+/// Candidates that agree up to a position have the same context there, so their rows at that
+/// position are the same (bit for bit: each is scored in its own KV slot exactly as decoding
+/// would) and the first one's row stands for all.
+pub fn verify_candidates(
+    sampler: &mut Sampler,
+    drafts: &[Draft],
+    rows: &[&[Vec<f32>]],
+) -> (usize, Verified) {
     let greedy = sampler.params().is_greedy();
+    let longest = drafts.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
     let mut out = Verified {
-        tokens: Vec::with_capacity(draft.tokens.len() + 1),
+        tokens: Vec::with_capacity(longest + 1),
         accepted: 0,
     };
-    for (j, row) in rows.iter().enumerate() {
-        let Some(&x) = draft.tokens.get(j) else {
-            // Past the draft: the target's own next token.
-            out.tokens.push(sampler.sample(row));
+    let mut alive: Vec<usize> = (0..drafts.len().min(rows.len())).collect();
+    let Some(&first) = alive.first() else {
+        return (0, out);
+    };
+    let mut winner = first;
+    for j in 0.. {
+        let Some(row) = rows[winner].get(j) else {
             break;
         };
-        if greedy {
-            let s = sampler.sample(row);
-            let agreed = s.token == x;
-            out.tokens.push(s);
-            if !agreed {
-                break;
-            }
-            out.accepted += 1;
-            continue;
-        }
-        let p = sampler.distribution(row);
-        let q = draft.q.get(j).map_or(&[][..], |q| &q[..]);
-        let qx = q.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
-        if qx <= 0.0 {
-            // A token not drawn from the q sent with it can't be tested: ignore the rest of the
-            // draft and sample from p (exact, whatever the draft was).
+        // The candidates still alive that drafted a token here.
+        let with_token: Vec<usize> = alive
+            .iter()
+            .copied()
+            .filter(|&c| drafts[c].tokens.get(j).is_some())
+            .collect();
+        if with_token.is_empty() {
+            // Past every draft: the target's own next token.
             out.tokens.push(sampler.sample(row));
             break;
         }
-        let px = p.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
-        if sampler.uniform() < f64::from(px) / f64::from(qx) {
-            out.tokens.push(sampler.observe(row, x));
-            out.accepted += 1;
-        } else {
-            let t = sampler.draw_residual(&p, q);
-            out.tokens.push(sampler.observe(row, t));
-            break;
+        if greedy {
+            let s = sampler.sample(row);
+            let t = s.token;
+            out.tokens.push(s);
+            alive.retain(|&c| drafts[c].tokens.get(j) == Some(&t));
+            match alive.first() {
+                Some(&c) => {
+                    winner = c;
+                    out.accepted += 1;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let mut p = sampler.distribution(row);
+        let mut chosen = None;
+        let mut last_q: &[(u32, f32)] = &[];
+        let mut untestable = false;
+        let mut rejected = false;
+        for &c in &with_token {
+            let x = drafts[c].tokens[j];
+            let q = drafts[c].q.get(j).map_or(&[][..], |q| &q[..]);
+            let qx = q.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
+            if qx <= 0.0 {
+                // A token not drawn from the q sent with it can't be tested: stop testing and
+                // sample from what is left of p (exact, whatever the drafts were).
+                untestable = true;
+                break;
+            }
+            let px = p.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
+            if sampler.uniform() < f64::from(px) / f64::from(qx) {
+                chosen = Some((c, x));
+                break;
+            }
+            rejected = true;
+            if with_token.len() > 1 {
+                p = residual(&p, q);
+            }
+            last_q = q;
+        }
+        match chosen {
+            Some((c, x)) => {
+                out.tokens.push(sampler.observe(row, x));
+                out.accepted += 1;
+                alive.retain(|&a| drafts[a].tokens.get(j) == Some(&x));
+                winner = c;
+            }
+            None => {
+                if untestable && !rejected {
+                    out.tokens.push(sampler.sample(row));
+                    break;
+                }
+                // With one candidate p is still the target's; with several it already is the
+                // residual after every rejection.
+                let q = if with_token.len() > 1 {
+                    &[][..]
+                } else {
+                    last_q
+                };
+                let t = sampler.draw_residual(&p, q);
+                out.tokens.push(sampler.observe(row, t));
+                break;
+            }
         }
     }
-    out
+    (winner, out)
+}
+
+/// normalize(max(0, p − q)), sparse; p itself where that has no mass (only through rounding).
+fn residual(p: &[(u32, f32)], q: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| e.1);
+    let r: Vec<(u32, f32)> = p
+        .iter()
+        .map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0)))
+        .filter(|e| e.1 > 0.0)
+        .collect();
+    let total: f64 = r.iter().map(|e| f64::from(e.1)).sum();
+    if r.is_empty() || total <= 0.0 {
+        return p.to_vec();
+    }
+    r.into_iter()
+        .map(|(t, w)| (t, (f64::from(w) / total) as f32))
+        .collect()
 }
 
 #[cfg(test)]
@@ -595,6 +691,7 @@ mod tests {
                 let draft = Draft {
                     tokens,
                     q: q.clone(),
+                    ..Default::default()
                 };
                 let v = verify(&mut sampler, &draft, &rows);
                 drafted += 2;
@@ -617,6 +714,104 @@ mod tests {
         }
     }
 
+    /// Multi-candidate verification stays exact: candidates that are deterministic and distinct
+    /// (n-gram style, q = 1 on the token; some sharing a first token), and candidates drawn
+    /// independently from the same q. The first and second emitted tokens follow the target's
+    /// distributions (chi-square as above); more candidates accept more.
+    #[test]
+    fn multi_candidate_sampling_matches_the_target_distribution() {
+        let rows: Vec<Vec<f32>> = vec![
+            vec![1.0, 2.0, 0.5, -1.0, 0.0, 1.5],
+            vec![0.0, -0.5, 2.5, 1.0, 0.2, -2.0],
+            vec![0.3, 0.3, 0.3, 2.0, -1.0, 0.0],
+        ];
+        let p: Vec<Vec<f64>> = rows.iter().map(|r| softmax(r)).collect();
+        let point = |tokens: &[u32]| Draft {
+            tokens: tokens.to_vec(),
+            q: tokens.iter().map(|&t| vec![(t, 1.0)]).collect(),
+            ..Default::default()
+        };
+        let q_unrelated: Vec<Vec<(u32, f32)>> = vec![
+            vec![(0, 0.5), (4, 0.3), (2, 0.2)],
+            (0..6).map(|t| (t, 1.0 / 6.0)).collect(),
+        ];
+        const N: u64 = 20_000;
+        let mut one_rate = 0.0;
+        for case in ["one deterministic", "deterministic", "shared prefix", "iid"] {
+            let mut first = [0u64; 6];
+            let mut second = [0u64; 6];
+            let mut accepted = 0u64;
+            let mut rng = StdRng::seed_from_u64(11);
+            for trial in 0..N {
+                let params = SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(trial * 17 + 3),
+                    ..Default::default()
+                };
+                let mut sampler = Sampler::new(params, &[]);
+                let drafts: Vec<Draft> = match case {
+                    "one deterministic" => vec![point(&[5, 2])],
+                    "deterministic" => vec![point(&[5, 2]), point(&[1, 3]), point(&[0, 2])],
+                    "shared prefix" => vec![point(&[1, 4]), point(&[1, 2]), point(&[5, 0])],
+                    _ => (0..3)
+                        .map(|_| Draft {
+                            tokens: q_unrelated.iter().map(|q| draw(&mut rng, q)).collect(),
+                            q: q_unrelated.clone(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                let per: Vec<&[Vec<f32>]> = drafts.iter().map(|_| &rows[..]).collect();
+                let (winner, v) = verify_candidates(&mut sampler, &drafts, &per);
+                assert!(winner < drafts.len());
+                for (j, t) in v.tokens.iter().take(v.accepted).enumerate() {
+                    assert_eq!(drafts[winner].tokens[j], t.token, "{case}");
+                }
+                accepted += v.accepted as u64;
+                first[v.tokens[0].token as usize] += 1;
+                if let Some(t) = v.tokens.get(1) {
+                    second[t.token as usize] += 1;
+                }
+            }
+            let c1 = chi_square(&first, &p[0]);
+            let c2 = chi_square(&second, &p[1]);
+            let rate = accepted as f64 / (2 * N) as f64;
+            eprintln!("{case}: chi2 {c1:.1} / {c2:.1}, accepted per drafted position {rate:.3}");
+            assert!(c1 < 20.5 && c2 < 20.5, "{case}: chi2 {c1} / {c2}");
+            match case {
+                "one deterministic" => one_rate = rate,
+                "deterministic" => assert!(rate > one_rate + 0.1, "{case}: {rate} vs {one_rate}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Greedy multi-candidate verification follows whichever candidate has the target's token
+    /// at each position: plain greedy's tokens.
+    #[test]
+    fn greedy_multi_candidate_follows_the_agreeing_candidate() {
+        // Position 0 argmax 1, position 1 argmax 0, position 2 argmax 2.
+        let rows = [
+            vec![0.0, 3.0, 1.0],
+            vec![2.0, 0.0, 1.0],
+            vec![0.0, 0.0, 5.0],
+        ];
+        let d = |t: &[u32]| Draft {
+            tokens: t.to_vec(),
+            q: t.iter().map(|&x| vec![(x, 1.0)]).collect(),
+            ..Default::default()
+        };
+        let drafts = vec![d(&[2, 0]), d(&[1, 2]), d(&[1, 0])];
+        let rows: Vec<Vec<f32>> = rows.to_vec();
+        let per: Vec<&[Vec<f32>]> = drafts.iter().map(|_| &rows[..]).collect();
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        let (winner, v) = verify_candidates(&mut s, &drafts, &per);
+        assert_eq!(winner, 2);
+        assert_eq!(v.accepted, 2);
+        let toks: Vec<u32> = v.tokens.iter().map(|t| t.token).collect();
+        assert_eq!(toks, vec![1, 0, 2]);
+    }
+
     /// Greedy verification emits exactly the target's argmax tokens, accepting the agreeing
     /// prefix.
     #[test]
@@ -632,6 +827,7 @@ mod tests {
             &Draft {
                 tokens: vec![1, 2],
                 q: vec![vec![(1, 1.0)], vec![(2, 1.0)]],
+                ..Default::default()
             },
             &rows,
         );
@@ -643,6 +839,7 @@ mod tests {
             &Draft {
                 tokens: vec![1, 0],
                 q: vec![vec![(1, 1.0)], vec![(0, 1.0)]],
+                ..Default::default()
             },
             &rows,
         );

@@ -318,10 +318,16 @@ fn speculative_greedy_equals_plain_greedy() {
         let ps: Vec<Vec<u32>> = (0..6u32)
             .map(|i| {
                 let unit: Vec<u32> = (0..(3 + i)).map(|j| (i * 17 + j * 11 + 2) % 300).collect();
-                unit.iter().copied().cycle().take(unit.len() * 4).collect()
+                // The unit four times, once with another last token: n-grams of the unit have
+                // two different continuations (alternatives for multi-candidate drafting).
+                let mut other = unit.clone();
+                if let Some(l) = other.last_mut() {
+                    *l = (*l + 1) % 300;
+                }
+                [&unit[..], &unit, &other, &unit].concat()
             })
             .collect();
-        let run = |max_draft: usize| -> (Vec<Vec<u32>>, Engine) {
+        let run = |max_draft: usize, candidates: usize| -> (Vec<Vec<u32>>, Engine) {
             let e = engine(&tiny, EngineConfig::default());
             let gens: Vec<_> = ps
                 .iter()
@@ -335,6 +341,7 @@ fn speculative_greedy_equals_plain_greedy() {
                                 SpecMode::Ngram
                             },
                             max_draft_tokens: max_draft,
+                            candidates,
                         },
                         ..greedy(p.clone(), 48)
                     })
@@ -350,8 +357,17 @@ fn speculative_greedy_equals_plain_greedy() {
                 .collect();
             (out, e)
         };
-        let (plain, _) = run(0);
-        let (spec, e) = run(6);
+        let (plain, _) = run(0, 1);
+        // Multi-candidate drafting: extra candidates in their own KV slots, same tokens.
+        let (multi, m) = run(6, 3);
+        assert_eq!(multi, plain, "{:?}: 3 candidates", cfg.arch);
+        let wins = m
+            .stats()
+            .alternative_wins
+            .load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{:?}: an alternative candidate won {wins} times", cfg.arch);
+        assert!(wins > 0, "no alternative candidate was ever kept");
+        let (spec, e) = run(6, 1);
         assert_eq!(spec, plain, "{:?}", cfg.arch);
         let drafted = e
             .stats()

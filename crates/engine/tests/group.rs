@@ -87,7 +87,12 @@ fn group(dir: &std::path::Path, world: usize, io_timeout: Duration) -> (Engine, 
         })
         .collect();
     let (m0, c0) = ranks.remove(0);
-    (Engine::start_group(m0, EngineConfig::default(), c0), ranks)
+    // Three n-gram candidates: speculative steps copy KV slots (mirrored by the followers).
+    let cfg = EngineConfig {
+        draft_candidates: 3,
+        ..Default::default()
+    };
+    (Engine::start_group(m0, cfg, c0), ranks)
 }
 
 #[test]
@@ -118,6 +123,7 @@ fn group_of_two_equals_one_rank_and_stops_cleanly() {
                     speculation: Speculation {
                         mode: SpecMode::Ngram,
                         max_draft_tokens: 5,
+                        ..Default::default()
                     },
                     ..greedy(p, 20)
                 })

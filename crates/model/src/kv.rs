@@ -110,6 +110,32 @@ impl KvCache {
         Ok(())
     }
 
+    /// Makes `dst` (an allocated slot) a copy of `src`'s first `len` positions: a second
+    /// candidate continuation of the same sequence (multi-candidate speculative decoding) is
+    /// scored in its own slot, so every row attends exactly as in decoding. Deep copies, since
+    /// appends write the buffers in place.
+    pub fn copy_slot(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<()> {
+        let s = self.slot(src)?;
+        let len = len.min(s.len);
+        let k =
+            s.k.iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+        let v =
+            s.v.iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+        let capacity = s.capacity;
+        let d = self.slot_mut(dst)?;
+        *d = Slot {
+            len,
+            capacity,
+            k,
+            v,
+        };
+        Ok(())
+    }
+
     /// Sequences currently holding a slot.
     pub fn active_slots(&self) -> usize {
         self.slots.iter().filter(|s| s.is_some()).count()

@@ -174,6 +174,8 @@ pub async fn parse_generate(
 
 /// Most tokens a request may ask to draft per step (the worker's cost model may draft fewer).
 pub const MAX_DRAFT_TOKENS: u32 = 16;
+/// Most candidate drafts a request may ask for per step.
+pub const MAX_DRAFT_CANDIDATES: u32 = 8;
 
 fn parse_speculation(s: Speculation) -> Result<Speculation, RequestError> {
     if speculation::Mode::try_from(s.mode).is_err() {
@@ -191,6 +193,15 @@ fn parse_speculation(s: Speculation) -> Result<Speculation, RequestError> {
             format!(
                 "{} is over the limit of {MAX_DRAFT_TOKENS}",
                 s.max_draft_tokens
+            ),
+        ));
+    }
+    if s.candidates > MAX_DRAFT_CANDIDATES {
+        return Err(RequestError::invalid(
+            "speculation.candidates",
+            format!(
+                "{} is over the limit of {MAX_DRAFT_CANDIDATES}",
+                s.candidates
             ),
         ));
     }

@@ -36,6 +36,9 @@ pub enum Mode {
     Ngram,
     /// Prompt lookup, always --fixed-k tokens.
     NgramFixed,
+    /// Prompt lookup with --candidates candidate drafts per step (multi-candidate drafting),
+    /// draft lengths from the cost model.
+    NgramMulti,
 }
 
 impl Mode {
@@ -46,11 +49,12 @@ impl Mode {
             Mode::DraftFixed => "draft model, fixed k",
             Mode::Ngram => "n-gram, adaptive k",
             Mode::NgramFixed => "n-gram, fixed k",
+            Mode::NgramMulti => "n-gram, multi-candidate",
         }
     }
 
     fn adaptive(self) -> bool {
-        matches!(self, Mode::Draft | Mode::Ngram)
+        matches!(self, Mode::Draft | Mode::Ngram | Mode::NgramMulti)
     }
 
     fn uses_draft_model(self) -> bool {
@@ -94,6 +98,9 @@ pub struct SpecArgs {
     /// Drafted tokens per step for the fixed modes.
     #[arg(long, default_value_t = 4)]
     pub fixed_k: usize,
+    /// Candidate drafts per step for `ngram-multi`.
+    #[arg(long, default_value_t = 3)]
+    pub candidates: usize,
     /// Prompts of the workload to run (1-3).
     #[arg(long, default_value_t = 3)]
     pub prompts: usize,
@@ -175,6 +182,7 @@ struct Counters {
     predicted_sum: u64,
     planned: u64,
     skipped: u64,
+    alternative_wins: u64,
 }
 
 impl Counters {
@@ -189,6 +197,7 @@ impl Counters {
             predicted_sum: r(&s.spec_predicted_sum_milli),
             planned: r(&s.spec_planned_steps),
             skipped: r(&s.spec_skipped_steps),
+            alternative_wins: r(&s.alternative_wins),
         }
     }
 
@@ -203,6 +212,7 @@ impl Counters {
             predicted_sum: self.predicted_sum - o.predicted_sum,
             planned: self.planned - o.planned,
             skipped: self.skipped - o.skipped,
+            alternative_wins: self.alternative_wins - o.alternative_wins,
         }
     }
 
@@ -214,6 +224,7 @@ impl Counters {
         self.drafts += o.drafts;
         self.drafted += o.drafted;
         self.accepted += o.accepted;
+        self.alternative_wins += o.alternative_wins;
         for (a, b) in self.drafted_at.iter_mut().zip(&o.drafted_at) {
             *a += b;
         }
@@ -364,14 +375,14 @@ async fn measure(
     eprintln!("bench: warming up ...");
     for &mode in &args.modes {
         let e = &engines[usize::from(!mode.adaptive() && mode != Mode::Plain)];
-        generate(e, &prompts[0], 24, mode).await?;
+        generate(e, &prompts[0], 24, mode, args.candidates).await?;
     }
     let mut totals: Vec<Totals> = args.modes.iter().map(|_| Totals::default()).collect();
     for (pi, prompt) in prompts.iter().enumerate() {
         for (mi, &mode) in args.modes.iter().enumerate() {
             let e = &engines[usize::from(!mode.adaptive() && mode != Mode::Plain)];
             let before = Counters::read(e.stats());
-            let run = generate(e, prompt, args.new_tokens, mode).await?;
+            let run = generate(e, prompt, args.new_tokens, mode, args.candidates).await?;
             let c = Counters::read(e.stats()).minus(&before);
             let tps =
                 run.tokens.len().saturating_sub(1) as f64 / run.decode.as_secs_f64().max(1e-9);
@@ -514,11 +525,17 @@ fn report_margins(
     Ok(())
 }
 
-async fn generate(e: &Engine, prompt: &[u32], n: usize, mode: Mode) -> anyhow::Result<Run> {
+async fn generate(
+    e: &Engine,
+    prompt: &[u32],
+    n: usize,
+    mode: Mode,
+    candidates: usize,
+) -> anyhow::Result<Run> {
     let spec = match mode {
         Mode::Plain => SpecMode::Off,
         Mode::Draft | Mode::DraftFixed => SpecMode::DraftModel,
-        Mode::Ngram | Mode::NgramFixed => SpecMode::Ngram,
+        Mode::Ngram | Mode::NgramFixed | Mode::NgramMulti => SpecMode::Ngram,
     };
     let mut g = e.submit(Request {
         prompt: prompt.to_vec(),
@@ -531,6 +548,11 @@ async fn generate(e: &Engine, prompt: &[u32], n: usize, mode: Mode) -> anyhow::R
         speculation: Speculation {
             mode: spec,
             max_draft_tokens: 0,
+            candidates: if mode == Mode::NgramMulti {
+                candidates
+            } else {
+                1
+            },
         },
     })?;
     let mut tokens = Vec::new();
@@ -642,6 +664,12 @@ fn report(
             .map(|(d, a)| format!("{:.0}% ({a}/{d})", 100.0 * *a as f64 / *d as f64))
             .collect();
         println!("- {}: {}", m.name(), cells.join(", "));
+        if c.alternative_wins > 0 {
+            println!(
+                "  (an alternative candidate was kept in {} of {} verified drafts)",
+                c.alternative_wins, c.drafts
+            );
+        }
     }
     for (name, e) in [
         ("adaptive engine", &engines[0]),

@@ -152,6 +152,10 @@ pub struct WorkerArgs {
     /// down to none) or `fixed` (always the most allowed, for comparison) [default: adaptive].
     #[arg(long, value_enum, env = "TANDEM_WORKER_DRAFT_LENGTH")]
     pub draft_length: Option<DraftLength>,
+    /// Candidate drafts per step for n-gram speculation when a request leaves it unset
+    /// (multi-candidate drafting; each extra candidate is scored in the same forward) [default: 1].
+    #[arg(long, env = "TANDEM_WORKER_DRAFT_CANDIDATES")]
+    pub draft_candidates: Option<usize>,
     /// etcd endpoints, comma separated (http://HOST:2379): the group leader registers there so
     /// routers find it; ranks of a group without --group-peers meet there [default: none].
     #[arg(long, env = "TANDEM_WORKER_ETCD_ENDPOINTS", value_delimiter = ',')]
@@ -201,6 +205,7 @@ impl WorkerArgs {
                 speculation,
                 max_draft_tokens,
                 draft_length,
+                draft_candidates,
                 etcd_endpoints,
                 cluster,
                 advertise_address,
@@ -339,6 +344,14 @@ impl WorkerArgs {
         }
         if let Some(l) = self.draft_length {
             cfg.engine.adaptive_draft = l == DraftLength::Adaptive;
+        }
+        if let Some(c) = self.draft_candidates {
+            let max = tandem_engine::speculate::MAX_DRAFT_CANDIDATES;
+            anyhow::ensure!(
+                (1..=max).contains(&c),
+                "draft_candidates must be in 1..={max}, got {c}"
+            );
+            cfg.engine.draft_candidates = c;
         }
         cfg.discovery = discovery;
         Ok(cfg)

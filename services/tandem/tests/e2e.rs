@@ -569,7 +569,7 @@ async fn bad_inputs_are_invalid_argument_while_good_requests_stream() {
                 let mut r = base();
                 r.speculation = Some(Speculation {
                     mode: 42,
-                    max_draft_tokens: 0,
+                    ..Default::default()
                 });
                 r
             },
@@ -582,10 +582,24 @@ async fn bad_inputs_are_invalid_argument_while_good_requests_stream() {
                 r.speculation = Some(Speculation {
                     mode: speculation::Mode::Ngram as i32,
                     max_draft_tokens: 17,
+                    ..Default::default()
                 });
                 r
             },
             "speculation.max_draft_tokens",
+        ),
+        (
+            "candidates over limit",
+            {
+                let mut r = base();
+                r.speculation = Some(Speculation {
+                    mode: speculation::Mode::Ngram as i32,
+                    candidates: 9,
+                    ..Default::default()
+                });
+                r
+            },
+            "speculation.candidates",
         ),
     ];
     let mut unknown_model = base();
@@ -1048,6 +1062,7 @@ async fn ngram_speculation_over_the_api_keeps_greedy_output() {
         speculation: Some(Speculation {
             mode: mode as i32,
             max_draft_tokens: 6,
+            ..Default::default()
         }),
         ..Default::default()
     };

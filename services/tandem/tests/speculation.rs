@@ -145,6 +145,7 @@ fn req(prompt: &[u32], n: u32, mode: speculation::Mode) -> GenerateRequest {
         speculation: Some(Speculation {
             mode: mode as i32,
             max_draft_tokens: 0,
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -402,6 +403,7 @@ async fn real_qwen_pair_speculative_greedy_equals_plain() {
                         speculation: Some(Speculation {
                             mode: mode as i32,
                             max_draft_tokens: 0,
+                            ..Default::default()
                         }),
                         ..Default::default()
                     };

@@ -440,6 +440,8 @@ impl Drafter for RemoteDrafter {
             out[i] = Draft {
                 tokens: d.tokens[..k].to_vec(),
                 q: q.into_iter().take(k).collect(),
+                // The draft service proposes one candidate per sequence.
+                alternatives: Vec::new(),
             };
         }
         out

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tandem_engine::speculate::MAX_DRAFT_TOKENS;
+use tandem_engine::speculate::{MAX_DRAFT_CANDIDATES, MAX_DRAFT_TOKENS};
 use tandem_engine::{
     EngineError, FinishReason, Request, SamplingParams, SpecMode, Speculation, StopCriteria,
 };
@@ -29,6 +29,8 @@ pub enum GenerateError {
     MaxNewTokensOverLimit { got: u32, limit: usize },
     #[error("speculation.mode: unknown mode {0}: use 0 (server default), 1 (off), 2 (draft model) or 3 (ngram)")]
     UnknownSpeculationMode(i32),
+    #[error("speculation.candidates must be <= {MAX_DRAFT_CANDIDATES}, got {0}")]
+    CandidatesOverLimit(u32),
     #[error("speculation.max_draft_tokens must be <= {MAX_DRAFT_TOKENS}, got {0}")]
     MaxDraftTokensOverLimit(u32),
     #[error(transparent)]
@@ -45,7 +47,8 @@ impl GenerateError {
             GenerateError::NegativeTopK(_)
             | GenerateError::MaxNewTokensOverLimit { .. }
             | GenerateError::UnknownSpeculationMode(_)
-            | GenerateError::MaxDraftTokensOverLimit(_) => Code::InvalidArgument,
+            | GenerateError::MaxDraftTokensOverLimit(_)
+            | GenerateError::CandidatesOverLimit(_) => Code::InvalidArgument,
             GenerateError::Loading | GenerateError::Draining => Code::Unavailable,
             GenerateError::Engine(e) => match e {
                 EngineError::Invalid { .. } | EngineError::ContextExceeded { .. } => {
@@ -133,9 +136,13 @@ fn parse_speculation(s: Option<pb::Speculation>) -> Result<Speculation, Generate
     if s.max_draft_tokens as usize > MAX_DRAFT_TOKENS {
         return Err(GenerateError::MaxDraftTokensOverLimit(s.max_draft_tokens));
     }
+    if s.candidates as usize > MAX_DRAFT_CANDIDATES {
+        return Err(GenerateError::CandidatesOverLimit(s.candidates));
+    }
     Ok(Speculation {
         mode,
         max_draft_tokens: s.max_draft_tokens as usize,
+        candidates: s.candidates as usize,
     })
 }
 
