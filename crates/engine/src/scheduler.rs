@@ -45,10 +45,10 @@ pub struct EngineConfig {
     /// Let the cost model choose draft lengths (default). Off: always draft the most allowed,
     /// as fixed-k implementations do (for comparison in benchmarks, and deterministic tests).
     pub adaptive_draft: bool,
-    /// Candidate drafts per sequence per step from the n-gram drafter (multi-candidate
-    /// drafting; the draft service proposes one). Each extra candidate is scored in its own KV
-    /// slot, a copy of the sequence's, in the same forward; the verifier keeps the candidate it
-    /// accepts most of. 1: a single draft.
+    /// Candidate drafts per sequence per step when a request leaves it unset (multi-candidate
+    /// drafting, n-gram or draft model). Each extra candidate is scored in its own KV slot, a
+    /// copy of the sequence's, in the same forward; the verifier keeps the candidate it accepts
+    /// most of. 1: a single draft.
     pub draft_candidates: usize,
 }
 
@@ -677,10 +677,7 @@ impl Scheduler {
                     seq,
                     context: &self.running[decoding[j]].tokens,
                     max_tokens: k,
-                    candidates: match kind {
-                        DrafterKind::Ngram => candidates,
-                        DrafterKind::Model => 1,
-                    },
+                    candidates,
                     sampling,
                 })
                 .collect();

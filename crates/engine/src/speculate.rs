@@ -33,7 +33,7 @@ pub struct Speculation {
     pub mode: SpecMode,
     /// Most drafted tokens per step; 0 = the engine's default.
     pub max_draft_tokens: usize,
-    /// Candidate drafts per step (n-gram drafter); 0 = the engine's default.
+    /// Candidate drafts per step; 0 = the engine's default.
     pub candidates: usize,
 }
 

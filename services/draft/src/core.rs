@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tandem_model::{KvCache, Model, ModelError, SeqInput, SlotId, TextModel, Transformer};
-use tandem_proto::draft::v1::{ProposeRequest, ProposeResponse, SequenceDraft, SparseDistribution};
+use tandem_proto::draft::v1::{
+    CandidateDraft, ProposeRequest, ProposeResponse, SequenceDraft, SparseDistribution,
+};
 
 use crate::error::DraftError;
 use crate::sample::{self, Sampling, GREEDY_TEMPERATURE_EPS};
@@ -90,7 +92,11 @@ struct Plan<'a> {
     max_tokens: usize,
     sampling: Option<Sampling>,
     min_confidence: f32,
+    candidates: usize,
 }
+
+/// Most candidate drafts per sequence per call.
+pub const MAX_CANDIDATES: usize = 8;
 
 /// A sequence being worked on in this call.
 struct Work {
@@ -109,6 +115,13 @@ struct Work {
     drafted: Vec<u32>,
     q: Vec<SparseDistribution>,
     done: bool,
+    /// Candidates wanted (the main work item only).
+    candidates: usize,
+    /// The logits of the first drafted position, kept when more candidates branch from it.
+    first_logits: Option<Vec<f32>>,
+    /// An extra candidate: its slot is a scratch copy, freed after the call, and what it runs
+    /// is not recorded as held.
+    alternative: bool,
 }
 
 /// A small model with a KV slot per sequence, answering `Propose` and `Release`.
@@ -374,10 +387,15 @@ impl DraftCore {
             }
         }
 
-        if let Err(e) = self.run(&mut work, stats) {
+        let ran = self.run(&mut work, stats);
+        // Extra candidates' scratch slots go at once, whatever happened.
+        for w in work.iter().filter(|w| w.alternative) {
+            self.kv.free(w.slot);
+        }
+        if let Err(e) = ran {
             // Slots may hold rows past what we recorded; drop the call's sequences so the next
             // call rebuilds them (`unknown`) instead of drafting from a state we can't vouch for.
-            for w in &work {
+            for w in work.iter().filter(|w| !w.alternative) {
                 self.drop_seq(w.id);
             }
             tracing::error!(error = %e, sequences = work.len(), "draft forward failed; dropped the call's sequences");
@@ -385,8 +403,15 @@ impl DraftCore {
         }
         for w in work {
             let r = &mut response[w.out];
-            r.held = self.held(w.id).map_or(0, to_u32);
             stats.tokens_drafted += w.drafted.len();
+            if w.alternative {
+                r.alternatives.push(CandidateDraft {
+                    tokens: w.drafted,
+                    q: w.q,
+                });
+                continue;
+            }
+            r.held = self.held(w.id).map_or(0, to_u32);
             r.tokens = w.drafted;
             r.q = w.q;
         }
@@ -497,6 +522,13 @@ impl DraftCore {
                     })
                 }
             };
+            if s.candidates as usize > MAX_CANDIDATES {
+                return Err(invalid(
+                    "candidates",
+                    s.candidates.to_string(),
+                    "must be at most 8 (0 or 1 = one draft)",
+                ));
+            }
             plans.push(Plan {
                 id: s.sequence_id,
                 rollback_to: s.rollback_to as usize,
@@ -504,6 +536,7 @@ impl DraftCore {
                 max_tokens: s.max_tokens as usize,
                 sampling,
                 min_confidence: s.min_confidence,
+                candidates: (s.candidates as usize).max(1),
             });
         }
         Ok(plans)
@@ -623,11 +656,14 @@ impl DraftCore {
             drafted: Vec::new(),
             q: Vec::new(),
             done: false,
+            candidates: p.candidates,
+            first_logits: None,
+            alternative: false,
         })
     }
 
     /// Runs the call's forwards: appends (chunked), then one per drafted position.
-    fn run(&mut self, work: &mut [Work], stats: &mut CallStats) -> Result<(), DraftError> {
+    fn run(&mut self, work: &mut Vec<Work>, stats: &mut CallStats) -> Result<(), DraftError> {
         // Appended tokens, within the token budget per forward.
         loop {
             let mut batch: Vec<(usize, usize)> = Vec::new();
@@ -666,6 +702,9 @@ impl DraftCore {
                 if w.fed == w.pending.len() && w.cap > 0 {
                     if let Some(logits) = seq_rows.pop() {
                         choose(w, &logits);
+                        if w.candidates > 1 && w.sampling.is_none() {
+                            w.first_logits = Some(logits);
+                        }
                     }
                 }
             }
@@ -675,6 +714,7 @@ impl DraftCore {
                 w.done = true;
             }
         }
+        self.branch(work)?;
         // One forward per further position, over the sequences still drafting.
         loop {
             let running: Vec<usize> = (0..work.len()).filter(|&i| !work[i].done).collect();
@@ -697,7 +737,9 @@ impl DraftCore {
             let rows = self.forward(&inputs, stats)?;
             for ((&i, t), mut seq_rows) in running.iter().zip(&last).zip(rows) {
                 let w = &mut work[i];
-                self.record(w.id, t);
+                if !w.alternative {
+                    self.record(w.id, t);
+                }
                 if let Some(logits) = seq_rows.pop() {
                     choose(w, &logits);
                 } else {
@@ -705,6 +747,80 @@ impl DraftCore {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Adds the extra candidates of the sequences that asked for several, once their first
+    /// position is drafted: each gets a scratch copy of the sequence's KV slot and its own first
+    /// token. Greedy: the next most likely tokens after the main draft's, each continued
+    /// greedily. Sampling: independent draws from the same q (each candidate its own RNG).
+    fn branch(&mut self, work: &mut Vec<Work>) -> Result<(), DraftError> {
+        let mut extra = Vec::new();
+        for w in work.iter_mut() {
+            if w.candidates <= 1 || w.drafted.len() != 1 {
+                continue;
+            }
+            let Some(q0) = w.q.first().cloned() else {
+                continue;
+            };
+            let len = self
+                .kv
+                .len(w.slot)
+                .map_err(|e| DraftError::Forward(e.to_string()))?;
+            let seed = w.sampling.map_or(0, |s| s.seed);
+            let firsts: Vec<(u32, SparseDistribution)> = match w.sampling {
+                None => w
+                    .first_logits
+                    .take()
+                    .map(|l| sample::top_tokens(&l, w.candidates))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|&t| t != w.drafted[0])
+                    .take(w.candidates - 1)
+                    .map(|t| {
+                        let q = SparseDistribution {
+                            ids: vec![t],
+                            probs: vec![1.0],
+                        };
+                        (t, q)
+                    })
+                    .collect(),
+                Some(_) => {
+                    let q: Vec<(u32, f32)> = q0.ids.iter().copied().zip(q0.probs.clone()).collect();
+                    (1..w.candidates as u64)
+                        .map(|c| {
+                            let mut rng = StdRng::seed_from_u64(seed ^ (c << 40));
+                            (sample::draw(&q, &mut rng), q0.clone())
+                        })
+                        .collect()
+                }
+            };
+            for (c, (token, q)) in firsts.into_iter().enumerate() {
+                let slot = self.kv.allocate();
+                if let Err(e) = self.kv.copy_slot(w.slot, slot, len) {
+                    self.kv.free(slot);
+                    return Err(DraftError::Forward(e.to_string()));
+                }
+                extra.push(Work {
+                    out: w.out,
+                    id: w.id,
+                    slot,
+                    pending: Vec::new(),
+                    fed: 0,
+                    cap: w.cap,
+                    sampling: w.sampling,
+                    min_confidence: w.min_confidence,
+                    rng: StdRng::seed_from_u64(seed ^ ((c as u64 + 1) << 48)),
+                    drafted: vec![token],
+                    q: vec![q],
+                    done: w.cap <= 1 || w.done,
+                    candidates: 1,
+                    first_logits: None,
+                    alternative: true,
+                });
+            }
+        }
+        work.extend(extra);
         Ok(())
     }
 

@@ -188,6 +188,20 @@ pub(crate) fn draw(q: &[(u32, f32)], rng: &mut StdRng) -> u32 {
         .map_or(0, |&(id, _)| id)
 }
 
+/// The `n` most likely tokens, most likely first (ties: lower id first).
+pub(crate) fn top_tokens(logits: &[f32], n: usize) -> Vec<u32> {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() || (top.len() == n && top.last().is_some_and(|&(_, m)| l <= m)) {
+            continue;
+        }
+        let at = top.partition_point(|&(_, m)| m >= l);
+        top.insert(at, (i as u32, l));
+        top.truncate(n);
+    }
+    top.into_iter().map(|(t, _)| t).collect()
+}
+
 /// Picks the token for one drafted position.
 pub(crate) fn choose(logits: &[f32], sampling: Option<&Sampling>, rng: &mut StdRng) -> Choice {
     match sampling {

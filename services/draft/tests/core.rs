@@ -49,6 +49,7 @@ fn seq(id: u64, rollback_to: usize, append: &[u32], max_tokens: u32) -> Sequence
         max_tokens,
         sampling: None,
         min_confidence: 0.0,
+        candidates: 0,
     }
 }
 
@@ -98,6 +99,51 @@ fn greedy_drafts_equal_the_models_own_greedy_continuation() {
         assert_eq!(f.core.held(1), Some(27));
         assert_eq!(f.core.last_call().forwards, 16);
         assert_eq!(f.core.last_call().tokens_drafted, 16);
+    }
+}
+
+/// Multi-candidate greedy drafts: the main draft is the greedy continuation; each alternative
+/// starts with another of the most likely first tokens and continues greedily from it. The
+/// alternatives' scratch KV is gone after the call: what the draft holds is the main draft's.
+#[test]
+fn greedy_candidates_branch_on_the_next_most_likely_first_tokens() {
+    for cfg in both_archs() {
+        let mut f = fixture(cfg, CoreConfig::default());
+        let p = prompt(5, 10);
+        let mut r = seq(1, 0, &p, 6);
+        r.candidates = 3;
+        let d = one(&mut f.core, r);
+        assert_eq!(d.tokens, greedy(&f.model, &p, 6));
+        assert_eq!(d.alternatives.len(), 2);
+        let mut firsts = vec![d.tokens[0]];
+        for a in &d.alternatives {
+            assert_eq!(a.tokens.len(), 6);
+            assert_eq!(a.q.len(), 6);
+            // From its own first token on, the greedy continuation.
+            let ctx = [&p[..], &a.tokens[..1]].concat();
+            assert_eq!(a.tokens[1..], greedy(&f.model, &ctx, 5)[..]);
+            firsts.push(a.tokens[0]);
+        }
+        // Distinct first tokens, in order of the draft's probability.
+        firsts.dedup();
+        assert_eq!(firsts.len(), 3);
+        assert_eq!(d.held, 10 + 5);
+        assert_eq!(f.core.kv_tokens(), 10 + 5);
+        // The next call continues the main draft as usual.
+        let d2 = one(&mut f.core, seq(1, 15, &[d.tokens[5]], 2));
+        let ctx = [&p[..], &d.tokens[..]].concat();
+        assert_eq!(d2.tokens, greedy(&f.model, &ctx, 2));
+        // Sampled candidates: independent draws, each with the q it was drawn from.
+        let mut r = sampled(seq(2, 0, &p, 4), 1.0, 7, 0);
+        r.candidates = 4;
+        let d = one(&mut f.core, r);
+        assert_eq!(d.alternatives.len(), 3);
+        for a in &d.alternatives {
+            assert_eq!(a.tokens.len(), a.q.len());
+            for (t, q) in a.tokens.iter().zip(&a.q) {
+                assert!(q.ids.contains(t));
+            }
+        }
     }
 }
 

@@ -39,6 +39,8 @@ pub enum Mode {
     /// Prompt lookup with --candidates candidate drafts per step (multi-candidate drafting),
     /// draft lengths from the cost model.
     NgramMulti,
+    /// The draft model service with --candidates candidate drafts per step, fixed k.
+    DraftMulti,
 }
 
 impl Mode {
@@ -50,6 +52,7 @@ impl Mode {
             Mode::Ngram => "n-gram, adaptive k",
             Mode::NgramFixed => "n-gram, fixed k",
             Mode::NgramMulti => "n-gram, multi-candidate",
+            Mode::DraftMulti => "draft model, multi-candidate, fixed k",
         }
     }
 
@@ -58,7 +61,7 @@ impl Mode {
     }
 
     fn uses_draft_model(self) -> bool {
-        matches!(self, Mode::Draft | Mode::DraftFixed)
+        matches!(self, Mode::Draft | Mode::DraftFixed | Mode::DraftMulti)
     }
 }
 
@@ -534,7 +537,7 @@ async fn generate(
 ) -> anyhow::Result<Run> {
     let spec = match mode {
         Mode::Plain => SpecMode::Off,
-        Mode::Draft | Mode::DraftFixed => SpecMode::DraftModel,
+        Mode::Draft | Mode::DraftFixed | Mode::DraftMulti => SpecMode::DraftModel,
         Mode::Ngram | Mode::NgramFixed | Mode::NgramMulti => SpecMode::Ngram,
     };
     let mut g = e.submit(Request {
@@ -548,7 +551,7 @@ async fn generate(
         speculation: Speculation {
             mode: spec,
             max_draft_tokens: 0,
-            candidates: if mode == Mode::NgramMulti {
+            candidates: if matches!(mode, Mode::NgramMulti | Mode::DraftMulti) {
                 candidates
             } else {
                 1

@@ -152,8 +152,8 @@ pub struct WorkerArgs {
     /// down to none) or `fixed` (always the most allowed, for comparison) [default: adaptive].
     #[arg(long, value_enum, env = "TANDEM_WORKER_DRAFT_LENGTH")]
     pub draft_length: Option<DraftLength>,
-    /// Candidate drafts per step for n-gram speculation when a request leaves it unset
-    /// (multi-candidate drafting; each extra candidate is scored in the same forward) [default: 1].
+    /// Candidate drafts per step when a request leaves it unset (multi-candidate drafting; each
+    /// extra candidate is scored in the same forward) [default: 1].
     #[arg(long, env = "TANDEM_WORKER_DRAFT_CANDIDATES")]
     pub draft_candidates: Option<usize>,
     /// etcd endpoints, comma separated (http://HOST:2379): the group leader registers there so

@@ -382,7 +382,7 @@ async fn real_qwen_pair_speculative_greedy_equals_plain() {
         "Write a Rust function that parses a CSV line into fields, with tests.",
         "Write a JavaScript debounce function with JSDoc.",
     ];
-    let run = |mode: speculation::Mode| {
+    let run = |mode: speculation::Mode, candidates: u32| {
         let c = c.clone();
         async move {
             let gens: Vec<_> = tasks
@@ -403,7 +403,7 @@ async fn real_qwen_pair_speculative_greedy_equals_plain() {
                         speculation: Some(Speculation {
                             mode: mode as i32,
                             max_draft_tokens: 0,
-                            ..Default::default()
+                            candidates,
                         }),
                         ..Default::default()
                     };
@@ -418,15 +418,19 @@ async fn real_qwen_pair_speculative_greedy_equals_plain() {
             out
         }
     };
-    let plain = run(speculation::Mode::Off).await;
-    let spec = run(speculation::Mode::DraftModel).await;
-    for (i, ((p, _), (s, accepted))) in plain.iter().zip(&spec).enumerate() {
-        let at = p.iter().zip(s).position(|(a, b)| a != b);
-        assert!(
-            at.is_none() && p.len() == s.len(),
-            "prompt {}: speculative greedy left plain greedy at token {at:?}",
-            i + 1
-        );
-        assert!(*accepted > 0, "prompt {}: no draft accepted", i + 1);
+    let plain = run(speculation::Mode::Off, 0).await;
+    let spec = run(speculation::Mode::DraftModel, 0).await;
+    // Multi-candidate drafting: three candidate drafts per step from the draft service.
+    let multi = run(speculation::Mode::DraftModel, 3).await;
+    for (name, out) in [("one draft", &spec), ("3 candidates", &multi)] {
+        for (i, ((p, _), (s, accepted))) in plain.iter().zip(out).enumerate() {
+            let at = p.iter().zip(s).position(|(a, b)| a != b);
+            assert!(
+                at.is_none() && p.len() == s.len(),
+                "{name}, prompt {}: speculative greedy left plain greedy at token {at:?}",
+                i + 1
+            );
+            assert!(*accepted > 0, "{name}, prompt {}: no draft accepted", i + 1);
+        }
     }
 }

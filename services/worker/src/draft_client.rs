@@ -258,6 +258,7 @@ impl RemoteDrafter {
             max_tokens: r.max_tokens as u32,
             sampling,
             min_confidence: self.cfg.min_confidence,
+            candidates: r.candidates as u32,
         }
     }
 
@@ -274,6 +275,7 @@ impl RemoteDrafter {
                 max_tokens: 0,
                 sampling: None,
                 min_confidence: 0.0,
+                candidates: 0,
             }],
         };
         let (seq, len) = (r.seq, r.context.len());
@@ -437,11 +439,27 @@ impl Drafter for RemoteDrafter {
                     .map(|q| q.ids.into_iter().zip(q.probs).collect())
                     .collect();
             let k = d.tokens.len().min(q.len()).min(r.max_tokens);
+            let alternatives = d
+                .alternatives
+                .into_iter()
+                .take(r.candidates.saturating_sub(1))
+                .map(|a| {
+                    let q: Vec<Vec<(u32, f32)>> =
+                        a.q.into_iter()
+                            .map(|q| q.ids.into_iter().zip(q.probs).collect())
+                            .collect();
+                    let k = a.tokens.len().min(q.len()).min(r.max_tokens);
+                    Draft {
+                        tokens: a.tokens[..k].to_vec(),
+                        q: q.into_iter().take(k).collect(),
+                        alternatives: Vec::new(),
+                    }
+                })
+                .collect();
             out[i] = Draft {
                 tokens: d.tokens[..k].to_vec(),
                 q: q.into_iter().take(k).collect(),
-                // The draft service proposes one candidate per sequence.
-                alternatives: Vec::new(),
+                alternatives,
             };
         }
         out
