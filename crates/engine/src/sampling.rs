@@ -262,12 +262,7 @@ impl Sampler {
     /// rejected draft (p: the target's distribution, q: the draft's; both sparse). Where the
     /// residual has no mass (p ≤ q everywhere, only possible through rounding), draws from p.
     pub fn draw_residual(&mut self, p: &[(u32, f32)], q: &[(u32, f32)]) -> u32 {
-        let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| e.1);
-        let residual: Vec<(u32, f32)> = p
-            .iter()
-            .map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0)))
-            .filter(|e| e.1 > 0.0)
-            .collect();
+        let residual = residual_weights(p, q);
         let from = if residual.is_empty() { p } else { &residual };
         let total: f64 = from.iter().map(|e| f64::from(e.1)).sum();
         let mut u = self.uniform() * total;
@@ -693,6 +688,16 @@ fn draw<T>(
         u -= block_sum;
     }
     last_positive(0, items).unwrap_or(0)
+}
+
+/// max(0, p − q) over p's tokens, the entries left positive (unnormalized): the residual of
+/// speculative sampling after a rejected draft.
+pub(crate) fn residual_weights(p: &[(u32, f32)], q: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| e.1);
+    p.iter()
+        .map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0)))
+        .filter(|e| e.1 > 0.0)
+        .collect()
 }
 
 #[cfg(test)]

@@ -489,12 +489,7 @@ pub fn verify_candidates(
 
 /// normalize(max(0, p − q)), sparse; p itself where that has no mass (only through rounding).
 fn residual(p: &[(u32, f32)], q: &[(u32, f32)]) -> Vec<(u32, f32)> {
-    let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| e.1);
-    let r: Vec<(u32, f32)> = p
-        .iter()
-        .map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0)))
-        .filter(|e| e.1 > 0.0)
-        .collect();
+    let r = crate::sampling::residual_weights(p, q);
     let total: f64 = r.iter().map(|e| f64::from(e.1)).sum();
     if r.is_empty() || total <= 0.0 {
         return p.to_vec();

@@ -7,20 +7,21 @@ use tandem_model::{ChatMessage, LoadOptions, Model};
 mod common;
 use common::greedy;
 
+/// The quantized model (as served), or None (skipped) when it is not in the model cache.
+fn qwen(max_context: usize) -> Option<Model> {
+    let path = tandem_testkit::real_model("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b")?;
+    let opts = LoadOptions {
+        max_context: Some(max_context),
+        ..Default::default()
+    };
+    Some(Model::load(&path, &opts).unwrap())
+}
+
 #[test]
 fn qwen_coder_writes_python() {
-    let Some(path) = tandem_testkit::real_model("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b")
-    else {
+    let Some(model) = qwen(1024) else {
         return;
     };
-    let model = Model::load(
-        &path,
-        &LoadOptions {
-            max_context: Some(1024),
-            ..Default::default()
-        },
-    )
-    .unwrap();
     let prompt = model
         .text
         .apply_chat_template(&[ChatMessage {
@@ -42,18 +43,9 @@ fn qwen_coder_writes_python() {
 /// padding of Q6_K they differed by up to 0.5 logits).
 #[test]
 fn qwen_scores_a_token_batched_with_the_bits_it_gets_alone() {
-    let Some(path) = tandem_testkit::real_model("qwen2.5-coder-1.5b-instruct.gguf", "qwen-1.5b")
-    else {
+    let Some(model) = qwen(512) else {
         return;
     };
-    let model = Model::load(
-        &path,
-        &LoadOptions {
-            max_context: Some(512),
-            ..Default::default()
-        },
-    )
-    .unwrap();
     let ids = model
         .text
         .encode(
