@@ -892,11 +892,9 @@ impl Scheduler {
                 continue;
             }
             // The candidates: this draft, then its alternatives with their own slots and rows.
-            let mut candidates = vec![Draft {
-                alternatives: Vec::new(),
-                ..draft.clone()
-            }];
-            candidates.extend(std::mem::take(&mut draft.alternatives));
+            let alternatives = std::mem::take(&mut draft.alternatives);
+            let mut candidates = vec![draft];
+            candidates.extend(alternatives);
             let mut cand_rows: Vec<&[Vec<f32>]> = vec![&rows];
             cand_rows.extend(alt_rows.iter().map(|(_, r)| &r[..]));
             let (winner, accepted, done) = Self::verify(r, &candidates, &cand_rows, &self.stats);
@@ -914,7 +912,6 @@ impl Scheduler {
                     alt_free.push(*slot);
                 }
             }
-            let r = &mut self.running[i];
             r.acceptance.record(drafted, accepted);
             match r.drafter {
                 Some(DrafterKind::Ngram) => self.ngram.feedback(r.id, drafted, accepted),

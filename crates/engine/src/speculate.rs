@@ -435,7 +435,6 @@ pub fn verify_candidates(
         }
         let mut p = sampler.distribution(row);
         let mut chosen = None;
-        let mut last_q: &[(u32, f32)] = &[];
         let mut untestable = false;
         let mut rejected = false;
         for &c in &with_token {
@@ -454,10 +453,7 @@ pub fn verify_candidates(
                 break;
             }
             rejected = true;
-            if with_token.len() > 1 {
-                p = residual(&p, q);
-            }
-            last_q = q;
+            p = residual(&p, q);
         }
         match chosen {
             Some((c, x)) => {
@@ -471,14 +467,8 @@ pub fn verify_candidates(
                     out.tokens.push(sampler.sample(row));
                     break;
                 }
-                // With one candidate p is still the target's; with several it already is the
-                // residual after every rejection.
-                let q = if with_token.len() > 1 {
-                    &[][..]
-                } else {
-                    last_q
-                };
-                let t = sampler.draw_residual(&p, q);
+                // p already is what is left after every rejection.
+                let t = sampler.draw_residual(&p, &[]);
                 out.tokens.push(sampler.observe(row, t));
                 break;
             }

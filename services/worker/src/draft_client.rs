@@ -434,32 +434,15 @@ impl Drafter for RemoteDrafter {
                     tail: d.tokens[..tail_len].to_vec(),
                 }),
             );
-            let q: Vec<Vec<(u32, f32)>> =
-                d.q.into_iter()
-                    .map(|q| q.ids.into_iter().zip(q.probs).collect())
-                    .collect();
-            let k = d.tokens.len().min(q.len()).min(r.max_tokens);
             let alternatives = d
                 .alternatives
                 .into_iter()
                 .take(r.candidates.saturating_sub(1))
-                .map(|a| {
-                    let q: Vec<Vec<(u32, f32)>> =
-                        a.q.into_iter()
-                            .map(|q| q.ids.into_iter().zip(q.probs).collect())
-                            .collect();
-                    let k = a.tokens.len().min(q.len()).min(r.max_tokens);
-                    Draft {
-                        tokens: a.tokens[..k].to_vec(),
-                        q: q.into_iter().take(k).collect(),
-                        alternatives: Vec::new(),
-                    }
-                })
+                .map(|a| to_draft(&a.tokens, a.q, r.max_tokens))
                 .collect();
             out[i] = Draft {
-                tokens: d.tokens[..k].to_vec(),
-                q: q.into_iter().take(k).collect(),
                 alternatives,
+                ..to_draft(&d.tokens, d.q, r.max_tokens)
             };
         }
         out
@@ -498,4 +481,19 @@ fn rand_u32() -> u32 {
             .unwrap_or_default(),
     );
     h.finish() as u32
+}
+
+/// One candidate from the wire: at most `max` tokens, each with its sparse q (a token without
+/// its q is dropped with everything after it).
+fn to_draft(tokens: &[u32], q: Vec<pb::SparseDistribution>, max: usize) -> Draft {
+    let q: Vec<Vec<(u32, f32)>> = q
+        .into_iter()
+        .map(|q| q.ids.into_iter().zip(q.probs).collect())
+        .collect();
+    let k = tokens.len().min(q.len()).min(max);
+    Draft {
+        tokens: tokens[..k].to_vec(),
+        q: q.into_iter().take(k).collect(),
+        alternatives: Vec::new(),
+    }
 }
