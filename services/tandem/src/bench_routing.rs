@@ -174,8 +174,7 @@ async fn bench(args: &RoutingArgs, children: &mut Children) -> anyhow::Result<()
         args.groups
     );
     for (_, addr) in &routers {
-        children::wait_serving(children, *addr, args.ready_timeout.0).await?;
-        wait_replicas(*addr, args.groups, args.ready_timeout.0).await?;
+        children::wait_router_ready(children, *addr, args.groups, args.ready_timeout.0).await?;
     }
     let jobs = workload(args);
     eprintln!(
@@ -356,28 +355,6 @@ async fn one(client: &mut GenerationClient<tonic::transport::Channel>, job: Job)
                 return d;
             }
         }
-    }
-}
-
-async fn wait_replicas(addr: SocketAddr, n: usize, timeout: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        if let Ok(mut c) = GenerationClient::connect(format!("http://{addr}")).await {
-            if let Ok(r) = c.list_models(tandem_proto::v1::ListModelsRequest {}).await {
-                if r.get_ref()
-                    .models
-                    .first()
-                    .is_some_and(|m| m.replicas as usize == n)
-                {
-                    return Ok(());
-                }
-            }
-        }
-        anyhow::ensure!(
-            started.elapsed() < timeout,
-            "the router at {addr} did not see {n} groups within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -173,14 +173,42 @@ pub async fn wait_serving(
     addr: SocketAddr,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    wait_until(children, addr, timeout, 0).await
+}
+
+/// Waits until a router at `addr` would answer a request: it reports SERVING *and* lists a
+/// model served by at least `groups` worker groups. A router can be SERVING before it knows
+/// any group (through etcd the groups register once loaded), so SERVING alone is not enough.
+pub async fn wait_router_ready(
+    children: &mut Children,
+    addr: SocketAddr,
+    groups: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_until(children, addr, timeout, groups.max(1)).await
+}
+
+/// SERVING, and with `groups > 0` a model with that many replicas; fails when a child exits or
+/// the timeout passes.
+async fn wait_until(
+    children: &mut Children,
+    addr: SocketAddr,
+    timeout: Duration,
+    groups: usize,
+) -> anyhow::Result<()> {
     let url = format!("http://{addr}");
     let check = async {
         loop {
-            if is_serving(&url).await {
+            if is_serving(&url).await && (groups == 0 || replicas(&url).await >= groups) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    };
+    let what = if groups == 0 {
+        "report SERVING".to_owned()
+    } else {
+        format!("serve a model on {groups} worker group(s)")
     };
     tokio::select! {
         _ = check => Ok(()),
@@ -189,8 +217,36 @@ pub async fn wait_serving(
             describe(status)
         )),
         _ = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
-            "the router at {addr} did not report SERVING within {timeout:?}"
+            "the server at {addr} did not {what} within {timeout:?}"
         )),
+    }
+}
+
+/// The most replicas any model has on the router at `url` (0 when it can't tell).
+async fn replicas(url: &str) -> usize {
+    use tandem_proto::v1::generation_client::GenerationClient;
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
+        return 0;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+    else {
+        return 0;
+    };
+    match GenerationClient::new(channel)
+        .list_models(tandem_proto::v1::ListModelsRequest {})
+        .await
+    {
+        Ok(r) => r
+            .get_ref()
+            .models
+            .iter()
+            .map(|m| m.replicas as usize)
+            .max()
+            .unwrap_or(0),
+        Err(_) => 0,
     }
 }
 

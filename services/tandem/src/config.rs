@@ -152,6 +152,25 @@ pub enum DraftLength {
     Fixed,
 }
 
+/// How a sequence's context first reaches the draft (`--draft-catch-up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DraftCatchUp {
+    /// In the background; steps decode without drafts until it is in.
+    Background,
+    /// In the step's draft call, which waits for the draft's prefill.
+    Inline,
+}
+
+impl From<DraftCatchUp> for tandem_worker::CatchUp {
+    fn from(c: DraftCatchUp) -> Self {
+        match c {
+            DraftCatchUp::Background => Self::Background,
+            DraftCatchUp::Inline => Self::Inline,
+        }
+    }
+}
+
 impl From<Quant> for tandem_model::QuantMode {
     fn from(q: Quant) -> Self {
         match q {

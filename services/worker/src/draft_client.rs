@@ -37,6 +37,22 @@ pub struct DraftClientConfig {
     pub timeout: Duration,
     /// The draft stops drafting a sequence when its top probability falls below this (BiLD).
     pub min_confidence: f32,
+    /// How a sequence's context first reaches the draft.
+    pub catch_up: CatchUp,
+}
+
+/// How a sequence the draft doesn't hold yet gets its context there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CatchUp {
+    /// Sent in the background; steps decode without drafts until it is in. Right when the
+    /// draft shares slow hardware with the verifier (a long prompt's prefill on a CPU draft
+    /// takes seconds that no step should wait for).
+    #[default]
+    Background,
+    /// Sent in the step's own draft call, which waits for the draft's prefill: every step of
+    /// an available draft drafts. Right when the draft's prefill is cheap (its own GPU), and
+    /// what makes drafting independent of timing (tests, benchmarks of acceptance).
+    Inline,
 }
 
 impl DraftClientConfig {
@@ -51,6 +67,7 @@ impl DraftClientConfig {
             endpoint,
             timeout: Duration::from_millis(1500),
             min_confidence: 0.3,
+            catch_up: CatchUp::Background,
         }
     }
 }
@@ -383,12 +400,14 @@ impl Drafter for RemoteDrafter {
             }
         }
         self.collect_syncs();
-        // Sequences the draft doesn't hold yet get their context sent in the background.
+        // Sequences the draft doesn't hold yet get their context sent in the background, or
+        // whole in this call (`entry` sends everything for a sequence it doesn't know).
         let mut ready = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             match self.seqs.get(&r.seq) {
                 Some(SeqState::Synced(_)) => ready.push(i),
                 Some(SeqState::Syncing) => {}
+                None if self.cfg.catch_up == CatchUp::Inline => ready.push(i),
                 None => self.start_sync(r),
             }
         }

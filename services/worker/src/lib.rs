@@ -41,7 +41,7 @@ use tonic::transport::Server;
 pub use group::{GroupConfig, LOAD_BARRIER_TIMEOUT};
 pub use request::{GenerateError, DEFAULT_MAX_NEW_TOKENS};
 
-pub use crate::draft_client::{DraftClientConfig, DraftClientStats, RemoteDrafter};
+pub use crate::draft_client::{CatchUp, DraftClientConfig, DraftClientStats, RemoteDrafter};
 use crate::metrics::WorkerMetrics;
 use crate::service::{ShardService, Shared};
 
