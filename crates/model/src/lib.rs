@@ -2,6 +2,7 @@
 //! GGUF file, with per-sequence KV slots and one batched forward over sequences at different
 //! positions (prefill and decode mixed).
 
+mod attention;
 pub mod config;
 pub mod error;
 pub mod kv;

@@ -65,6 +65,8 @@ pub struct Linear {
     dense_from_rows: usize,
     /// Run single rows as two (the second a zero row): see `single_row_kernel_differs`.
     pad_single_row: bool,
+    /// Run batches in groups of `AMX_FREE_ROWS` rows: see `batch_kernel_switches`.
+    split_batches: bool,
     bias: Option<Tensor>,
     out_features: usize,
     /// Row-parallel: this rank holds a slice of the input columns, so its output is a partial
@@ -104,12 +106,17 @@ impl Linear {
             }
             _ => false,
         };
+        let split_batches = match &weight {
+            LinearWeight::Quantized(q) => batch_kernel_switches(q),
+            LinearWeight::Dense(_) => false,
+        };
         Ok(Self {
             weight,
             matmul,
             dense_copy,
             dense_from_rows,
             pad_single_row,
+            split_batches,
             bias,
             out_features,
             reduce: None,
@@ -158,6 +165,16 @@ impl Linear {
                 let padded = Tensor::cat(&[x, &x.zeros_like()?], 0)?;
                 m.forward(&padded)?.narrow(0, 0, 1)?
             }
+            (LinearWeight::Quantized(_), Some(m), _)
+                if self.split_batches && rows >= AMX_FROM_ROWS =>
+            {
+                let mut parts = Vec::with_capacity(rows.div_ceil(AMX_FREE_ROWS));
+                for start in (0..rows).step_by(AMX_FREE_ROWS) {
+                    let n = AMX_FREE_ROWS.min(rows - start);
+                    parts.push(m.forward(&x.narrow(0, start, n)?)?);
+                }
+                Tensor::cat(&parts, 0)?
+            }
             (LinearWeight::Quantized(_), Some(m), _) => m.forward(x)?,
         };
         let y = match &self.reduce {
@@ -168,6 +185,34 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// candle 0.11 multiplies Q4_K batches of `AMX_FROM_ROWS` rows or more with AMX tiles where
+/// the CPU has AMX (Intel Sapphire Rapids and later), and smaller ones with its AVX-512/AVX2
+/// tiles: two kernels that sum in other orders. A row's output would then depend on how many
+/// rows shared its forward (a prompt prefilled beside others vs alone), and greedy output on the
+/// load. Such batches go through in groups of `AMX_FREE_ROWS`, all on the one kernel. This gives
+/// up AMX's prefill speed for batch invariance; not measured yet (no AMX machine so far).
+fn batch_kernel_switches(q: &QTensor) -> bool {
+    q.dtype() == GgmlDType::Q4K && cpu_has_amx()
+}
+
+const AMX_FROM_ROWS: usize = 32;
+/// A multiple of 4 (candle's tile height), below `AMX_FROM_ROWS`.
+const AMX_FREE_ROWS: usize = 16;
+
+/// AMX tiles and int8 (CPUID leaf 7, EDX bits 24 and 25), as candle probes it;
+/// `is_x86_feature_detected!("amx-int8")` is not stable.
+fn cpu_has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let info = std::arch::x86_64::__cpuid_count(7, 0);
+        info.edx & (1 << 25) != 0 && info.edx & (1 << 24) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

@@ -14,6 +14,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
+use crate::attention;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::kv::{KvCache, SlotId};
@@ -178,13 +179,29 @@ impl Attention {
         let mut outs = Vec::with_capacity(step.seqs.len());
         for s in &step.seqs {
             let n = s.len;
-            // [n, heads, hd] → [heads, n, hd]; query heads sharing a KV head are adjacent, so
-            // [kv_heads, group * n, hd] lets one matmul serve the whole group (GQA).
-            let q = q.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
-            let q = q.reshape((kvh, group * n, hd))?;
             let k_new = k.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
             let v_new = v.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
             let (k_all, v_all) = kv.append(s.slot, layer, &k_new, &v_new)?;
+            if x.device().is_cpu() {
+                // Every row attends the same way whatever chunk it came in (attention.rs): a
+                // prompt's KV and logits don't depend on how the scheduler chunked it or on
+                // what shared the step.
+                let shape = attention::Heads {
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                };
+                let q_rows = q.narrow(0, s.offset, n)?;
+                outs.push(attention::causal(
+                    &q_rows, &k_all, &v_all, s.start, shape, scale as f32,
+                )?);
+                continue;
+            }
+            // Devices other than the CPU: candle's ops. [n, heads, hd] → [heads, n, hd]; query
+            // heads sharing a KV head are adjacent, so [kv_heads, group * n, hd] lets one
+            // matmul serve the whole group (GQA).
+            let q = q.narrow(0, s.offset, n)?.transpose(0, 1)?.contiguous()?;
+            let q = q.reshape((kvh, group * n, hd))?;
             let o = if n <= ROW_EXACT_MAX_ROWS {
                 // Each query row attends exactly as a single decoded token would: over its own
                 // keys only, with the same shapes. Batched with a causal mask the matmul and
@@ -219,7 +236,7 @@ impl Attention {
     }
 }
 
-/// Chunks of up to this many rows (decoded tokens, a verification's 1 + up to 16 drafted
+/// Off the CPU: chunks of up to this many rows (decoded tokens, a verification's 1 + up to 16 drafted
 /// tokens, short prefill tails) attend row by row, bit-identical to decoding them one at a time.
 /// Longer prefill chunks attend in one masked matmul, which is faster.
 const ROW_EXACT_MAX_ROWS: usize = 32;

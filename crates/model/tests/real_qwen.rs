@@ -56,3 +56,80 @@ fn qwen_scores_a_token_batched_with_the_bits_it_gets_alone() {
     let (alone, batched) = common::logits_alone_and_batched(&model, &ids, 6);
     common::assert_same_bits(&alone, &batched);
 }
+
+/// A prompt's logits, and those of the tokens decoded after it, must not depend on how the
+/// scheduler chunked the prompt or what shared its forwards (batch invariance: the same answer
+/// under any load). Whole in one 100+-row forward (once the masked batched attention) vs in
+/// uneven chunks, one of them beside another sequence's prefill (so that forward has more than
+/// 32 rows), then greedy decoding beside the other sequence.
+#[test]
+fn qwen_prompt_gives_the_same_bits_whole_chunked_and_batched() {
+    let Some(model) = qwen(1024) else {
+        return;
+    };
+    let t = &model.transformer;
+    let enc = |s: &str| model.text.encode(s, false).unwrap();
+    let prompt = enc(
+        "use std::collections::HashMap;\n\n/// Counts how often each word occurs in `text`, \
+         ignoring case and punctuation.\npub fn word_counts(text: &str) -> HashMap<String, usize> \
+         {\n    let mut counts = HashMap::new();\n    for word in text.split_whitespace() {\n        \
+         let w: String = word.chars().filter(|c| c.is_alphanumeric()).collect();\n        if w.is_empty() \
+         {\n            continue;\n        }\n",
+    );
+    let other = enc("SELECT name, COUNT(*) FROM orders JOIN customers ON orders.customer_id = customers.id GROUP BY name ORDER BY 2 DESC LIMIT 10;");
+    assert!(prompt.len() > 64, "{} tokens", prompt.len());
+    fn input(slot: tandem_model::kv::SlotId, tokens: &[u32]) -> tandem_model::SeqInput<'_> {
+        tandem_model::SeqInput {
+            slot,
+            tokens,
+            all_logits: false,
+        }
+    }
+    let last = |rows: Vec<Vec<Vec<f32>>>, i: usize| rows[i].last().unwrap().clone();
+
+    // Alone, whole.
+    let mut kv = t.new_cache();
+    let a = kv.allocate();
+    let mut alone = vec![last(
+        t.forward(&mut kv, &[input(a, &prompt)])
+            .unwrap()
+            .to_vecs()
+            .unwrap(),
+        0,
+    )];
+    for _ in 0..4 {
+        let tok = common::argmax(alone.last().unwrap());
+        alone.push(last(
+            t.forward(&mut kv, &[input(a, &[tok])])
+                .unwrap()
+                .to_vecs()
+                .unwrap(),
+            0,
+        ));
+    }
+
+    // Chunked 7 / 41 / rest, the middle chunk beside the other sequence's whole prompt.
+    let mut kv = t.new_cache();
+    let (b, o) = (kv.allocate(), kv.allocate());
+    let (c1, rest) = prompt.split_at(7);
+    let (c2, c3) = rest.split_at(41);
+    t.forward(&mut kv, &[input(b, c1)]).unwrap();
+    t.forward(&mut kv, &[input(o, &other), input(b, c2)])
+        .unwrap();
+    let out = t
+        .forward(&mut kv, &[input(b, c3), input(o, &[13])])
+        .unwrap()
+        .to_vecs()
+        .unwrap();
+    let mut chunked = vec![last(out, 0)];
+    for _ in 0..4 {
+        let tok = common::argmax(chunked.last().unwrap());
+        let out = t
+            .forward(&mut kv, &[input(o, &[17]), input(b, &[tok])])
+            .unwrap()
+            .to_vecs()
+            .unwrap();
+        chunked.push(last(out, 1));
+    }
+    common::assert_same_bits(&alone, &chunked);
+}
