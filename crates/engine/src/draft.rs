@@ -20,7 +20,9 @@ pub struct DraftRequest<'a> {
     pub sampling: DraftSampling,
 }
 
-/// The sampling settings a drafter should draw with, and a seed for this step's draws.
+/// The sampling settings a drafter should draw with, and the sequence's seed: a drafter that
+/// races its own probabilities with the noise of (seed, position) (`sampling::race`) proposes
+/// the verifier's own draw wherever the two models agree closely enough.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct DraftSampling {
     pub temperature: f32,
@@ -30,8 +32,9 @@ pub struct DraftSampling {
 }
 
 /// Proposed tokens and, per position, the sparse distribution q they were drawn from (ids and
-/// probabilities). A deterministic drafter proposes with q = 1 on its token, which makes the
-/// lossless acceptance test min(1, p/q) = p(x).
+/// probabilities; a deterministic drafter sends q = 1 on its token). Verification is an exact
+/// match against the target's own token and needs no q; it is kept for diagnostics and drafters
+/// that report it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Draft {
     pub tokens: Vec<u32>,

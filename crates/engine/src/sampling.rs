@@ -4,6 +4,17 @@
 //! penalties → temperature → top-k → top-p → min-p → renormalise → draw, matching HF / vLLM
 //! semantics.
 //!
+//! The draw is a function of (seed, position, logits) alone, with no RNG stream: an exponential
+//! race (Gumbel-max), token t winning where E_t / w_t is smallest, E_t = −ln U and U a hash of
+//! (seed, position, t). It draws t with probability w_t / Σw exactly, and:
+//! - a request's tokens don't depend on how many random numbers other steps used, so seeded
+//!   output is the same batched or alone, with speculation or without, and after a request is
+//!   resumed elsewhere from its tokens so far;
+//! - speculative verification of sampled drafts becomes an exact match, as for greedy: the
+//!   target's token at a position is fixed before any draft is seen, and a draft that races its
+//!   own probabilities with the same noise (`race_noise`) proposes it whenever the two models
+//!   agree closely enough (Gumbel coupling).
+//!
 //! It is written for large vocabularies (Qwen's 151 936) and many concurrent sequences: every
 //! full-vocabulary pass is linear and written to auto-vectorise (libm's `expf` alone would cost
 //! ~0.5 ms a step), partial selection replaces full sorts where it can, and the vocabulary-sized
@@ -14,8 +25,6 @@ use std::cell::Cell;
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// Temperatures below this are greedy: dividing by ~0 overflows the logits, and the limit
 /// distribution is a point mass on the argmax anyway (vLLM uses the same epsilon).
@@ -37,9 +46,6 @@ const LANES: usize = 8;
 /// plain map loop vectorises far better than a fused exp-and-accumulate loop.
 const EXP_BLOCK: usize = 256;
 
-/// The draw first picks a block of this many candidates by its weight sum, then scans inside
-/// it: O(n / BLOCK + BLOCK) serial steps instead of a serial cumulative sum over the vocab.
-const DRAW_BLOCK: usize = 256;
 
 /// How to pick the next token. The default is greedy decoding with every filter off.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,12 +106,15 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
-/// Sampling state of one sequence: its parameters, its RNG and the token history the penalties
-/// need. Cloning forks the RNG state too.
+/// Sampling state of one sequence: its parameters, its seed, the position of its next token and
+/// the token history the penalties need.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    /// The request's seed, or one from OS entropy.
+    seed: u64,
+    /// Position in the whole sequence (prompt included) of the next token.
+    position: u64,
     /// Distinct prompt and generated tokens: the repetition penalty's set (HF counts the prompt).
     seen: HashSet<u32>,
     /// Occurrences of each generated token: presence / frequency penalties (OpenAI counts only
@@ -116,13 +125,11 @@ pub struct Sampler {
 impl Sampler {
     /// `prompt` seeds the repetition penalty's token set.
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => os_seeded_rng(),
-        };
+        let seed = params.seed.unwrap_or_else(os_seed);
         Self {
             params,
-            rng,
+            seed,
+            position: prompt.len() as u64,
             seen: prompt.iter().copied().collect(),
             counts: HashMap::new(),
         }
@@ -130,6 +137,17 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The seed of this sequence's draws (a drafter racing with the same noise proposes the
+    /// target's own draw where the two distributions agree).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Position in the sequence (prompt included) of the token `sample` picks next.
+    pub fn position(&self) -> u64 {
+        self.position
     }
 
     /// Picks the next token from one row of logits and records it for the penalties.
@@ -142,7 +160,6 @@ impl Sampler {
                 penalized,
                 weights,
                 candidates,
-                block_sums,
             } = scratch;
             self.penalize_into(logits, penalized);
             let pen = &*penalized;
@@ -154,15 +171,18 @@ impl Sampler {
                     "all logits masked or empty; sampling token 0"
                 );
             }
+            let (seed, position) = (self.seed, self.position);
             let token = if self.params.is_greedy() {
                 argmax(pen, max)
             } else {
                 match filter_candidates(&self.params, pen, max, weights, candidates) {
-                    Some(Filtered::Dense) => {
-                        draw(weights, |&w| w, |i, _| i as u32, &mut self.rng, block_sums)
-                    }
+                    Some(Filtered::Dense) => race(
+                        weights.iter().enumerate().map(|(i, &w)| (i as u32, w)),
+                        seed,
+                        position,
+                    ),
                     Some(Filtered::Sparse { .. }) => {
-                        draw(candidates, |c| c.1, |_, c| c.0, &mut self.rng, block_sums)
+                        race(candidates.iter().copied(), seed, position)
                     }
                     None => argmax(pen, max),
                 }
@@ -247,37 +267,9 @@ impl Sampler {
         sampled
     }
 
-    /// A uniform draw in [0, 1) from this sequence's RNG (speculative acceptance tests), so a
-    /// seeded request stays reproducible.
-    pub fn uniform(&mut self) -> f64 {
-        self.rng.random::<f64>()
-    }
-
-    /// A seed for a drafter's draws at this step, from this sequence's RNG.
-    pub fn next_seed(&mut self) -> u64 {
-        self.rng.random::<u64>()
-    }
-
-    /// Draws from normalize(max(0, p − q)), the residual of speculative sampling after a
-    /// rejected draft (p: the target's distribution, q: the draft's; both sparse). Where the
-    /// residual has no mass (p ≤ q everywhere, only possible through rounding), draws from p.
-    pub fn draw_residual(&mut self, p: &[(u32, f32)], q: &[(u32, f32)]) -> u32 {
-        let residual = residual_weights(p, q);
-        let from = if residual.is_empty() { p } else { &residual };
-        let total: f64 = from.iter().map(|e| f64::from(e.1)).sum();
-        let mut u = self.uniform() * total;
-        for &(t, w) in from {
-            u -= f64::from(w);
-            if u < 0.0 {
-                return t;
-            }
-        }
-        // Rounding left u ≥ 0 after the last entry: it is the draw.
-        from.last().map_or(0, |e| e.0)
-    }
-
     /// Records a token chosen elsewhere (e.g. accepted by speculative decoding) for the penalties.
     pub fn accept(&mut self, token: u32) {
+        self.position += 1;
         self.seen.insert(token);
         *self.counts.entry(token).or_insert(0) += 1;
     }
@@ -315,7 +307,6 @@ struct Scratch {
     penalized: Vec<f32>,
     weights: Vec<f32>,
     candidates: Vec<(u32, f32)>,
-    block_sums: Vec<f64>,
 }
 
 thread_local! {
@@ -333,17 +324,19 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     result
 }
 
-/// Seeds from OS entropy; if that fails (it should not), falls back to a time-derived seed
-/// rather than panicking, since sampling quality does not depend on cryptographic seeding.
-fn os_seeded_rng() -> StdRng {
-    match StdRng::try_from_os_rng() {
-        Ok(rng) => rng,
+/// A seed from OS entropy; if that fails (it should not), from the clock, since sampling
+/// quality does not depend on cryptographic seeding.
+fn os_seed() -> u64 {
+    use rand::TryRngCore as _;
+    let mut buf = [0u8; 8];
+    match rand::rngs::OsRng.try_fill_bytes(&mut buf) {
+        Ok(()) => u64::from_le_bytes(buf),
         Err(err) => {
             tracing::warn!(%err, "OS entropy unavailable; seeding sampler from the clock");
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
-            StdRng::seed_from_u64((nanos as u64) ^ ((nanos >> 64) as u64))
+            (nanos as u64) ^ ((nanos >> 64) as u64)
         }
     }
 }
@@ -651,59 +644,44 @@ fn top_k_into(pen: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
     out.sort_unstable_by(by_value_desc);
 }
 
-/// Inverse-CDF draw over the unnormalised weights of `items`, blocked: choose a block by its
-/// weight sum, then scan inside it. If rounding leaves `u` past a block's serial sum (or past
-/// the end), the last positive-weight item there wins.
-fn draw<T>(
-    items: &[T],
-    weight: impl Fn(&T) -> f32 + Copy,
-    token: impl Fn(usize, &T) -> u32,
-    rng: &mut StdRng,
-    block_sums: &mut Vec<f64>,
-) -> u32 {
-    block_sums.clear();
-    block_sums.extend(items.chunks(DRAW_BLOCK).map(|b| lane_sum(b, weight)));
-    let total: f64 = block_sums.iter().sum();
-    let mut u = rng.random::<f64>() * total;
-    let last_positive = |start: usize, block: &[T]| {
-        block
-            .iter()
-            .rposition(|item| weight(item) > 0.0)
-            .map(|i| token(start + i, &block[i]))
-    };
-    for (b, (block, &block_sum)) in items.chunks(DRAW_BLOCK).zip(block_sums.iter()).enumerate() {
-        let start = b * DRAW_BLOCK;
-        if u < block_sum {
-            let mut cum = 0f64;
-            for (i, item) in block.iter().enumerate() {
-                cum += f64::from(weight(item));
-                if u < cum {
-                    return token(start + i, item);
-                }
-            }
-            if let Some(t) = last_positive(start, block) {
-                return t;
+/// The exponential race over `(token, weight)` pairs: the token with the smallest
+/// E_t / w_t, E_t = −ln U(seed, position, t), which is token t with probability w_t / Σw
+/// (weights need not be normalised). Zero weights never win; no positive weight: token 0.
+pub fn race(items: impl Iterator<Item = (u32, f32)>, seed: u64, position: u64) -> u32 {
+    let mut best = (0u32, f64::INFINITY);
+    for (t, w) in items {
+        if w > 0.0 {
+            let key = race_noise(seed, position, t) / f64::from(w);
+            if key < best.1 {
+                best = (t, key);
             }
         }
-        u -= block_sum;
     }
-    last_positive(0, items).unwrap_or(0)
+    best.0
 }
 
-/// max(0, p − q) over p's tokens, the entries left positive (unnormalized): the residual of
-/// speculative sampling after a rejected draft.
-pub(crate) fn residual_weights(p: &[(u32, f32)], q: &[(u32, f32)]) -> Vec<(u32, f32)> {
-    let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| e.1);
-    p.iter()
-        .map(|&(t, pt)| (t, (pt - q_of(t)).max(0.0)))
-        .filter(|e| e.1 > 0.0)
-        .collect()
+/// E = −ln U, U uniform in (0, 1) from a hash of (seed, position, token): the exponential
+/// noise of the race. Counter-based (SplitMix64's finalizer, three rounds) rather than an RNG
+/// stream, so any position's noise is known without drawing the ones before it.
+pub fn race_noise(seed: u64, position: u64, token: u32) -> f64 {
+    let h = mix(mix(mix(seed ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(position)).wrapping_add(u64::from(token)));
+    // 53 random bits, centred in their interval: never 0 or 1.
+    let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+    -u.ln()
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

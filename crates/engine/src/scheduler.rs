@@ -661,7 +661,7 @@ impl Scheduler {
                         temperature: p.temperature,
                         top_k: p.top_k,
                         top_p: p.top_p,
-                        seed: r.sampler.next_seed(),
+                        seed: r.sampler.seed(),
                     }
                 };
                 slots.push((which[n], k));

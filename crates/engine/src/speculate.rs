@@ -377,13 +377,13 @@ pub fn verify(sampler: &mut Sampler, draft: &Draft, rows: &[Vec<f32>]) -> Verifi
 /// candidate whose tokens were kept, with the outcome. `rows[c][j]` is the target's logits after
 /// the context and candidate c's first j tokens. Position by position, over the candidates that
 /// agree with everything accepted so far:
-/// - greedy: the target's token is accepted if any of them drafted it; otherwise it replaces
-///   them and verification stops. Plain greedy's output, token for token.
-/// - sampling: recursive rejection (SpecInfer's multi-step speculative sampling): each candidate
-///   in turn is accepted with probability min(1, p(x)/q(x)); a rejection replaces p by
-///   normalize(max(0, p − q)) for the next one; when all are rejected the token is drawn from
-///   what is left of p. Exact for candidates that are deterministic and distinct (q = 1 on the
-///   token, the n-gram drafter) or drawn independently from the same q.
+/// the target's token (its argmax, or its draw, which depends only on the seed, the position and
+/// the logits) is accepted if any of them drafted it; otherwise it replaces them and
+/// verification stops. The output is plain decoding's, token for token, greedy or sampled; how
+/// often drafts are accepted when sampling depends on the drafter racing with the same noise
+/// (Gumbel coupling; the draft service does). This replaces speculative rejection sampling
+/// (accept min(1, p/q), resample the residual), which is exact only in distribution and made a
+/// seeded request's tokens depend on how many tokens were drafted.
 ///
 /// Candidates that agree up to a position have the same context there, so their rows at that
 /// position are the same (bit for bit: each is scored in its own KV slot exactly as decoding
@@ -393,7 +393,6 @@ pub fn verify_candidates(
     drafts: &[Draft],
     rows: &[&[Vec<f32>]],
 ) -> (usize, Verified) {
-    let greedy = sampler.params().is_greedy();
     let longest = drafts.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
     let mut out = Verified {
         tokens: Vec::with_capacity(longest + 1),
@@ -419,74 +418,22 @@ pub fn verify_candidates(
             out.tokens.push(sampler.sample(row));
             break;
         }
-        if greedy {
-            let s = sampler.sample(row);
-            let t = s.token;
-            out.tokens.push(s);
-            alive.retain(|&c| drafts[c].tokens.get(j) == Some(&t));
-            match alive.first() {
-                Some(&c) => {
-                    winner = c;
-                    out.accepted += 1;
-                    continue;
-                }
-                None => break,
-            }
-        }
-        let mut p = sampler.distribution(row);
-        let mut chosen = None;
-        let mut untestable = false;
-        let mut rejected = false;
-        for &c in &with_token {
-            let x = drafts[c].tokens[j];
-            let q = drafts[c].q.get(j).map_or(&[][..], |q| &q[..]);
-            let qx = q.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
-            if qx <= 0.0 {
-                // A token not drawn from the q sent with it can't be tested: stop testing and
-                // sample from what is left of p (exact, whatever the drafts were).
-                untestable = true;
-                break;
-            }
-            let px = p.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
-            if sampler.uniform() < f64::from(px) / f64::from(qx) {
-                chosen = Some((c, x));
-                break;
-            }
-            rejected = true;
-            p = residual(&p, q);
-        }
-        match chosen {
-            Some((c, x)) => {
-                out.tokens.push(sampler.observe(row, x));
-                out.accepted += 1;
-                alive.retain(|&a| drafts[a].tokens.get(j) == Some(&x));
+        // The target's token here is fixed before any draft is seen: greedy's argmax, or the
+        // sampled draw, a function of (seed, position, logits) (sampling.rs). Accepting the
+        // candidates that drafted it gives plain decoding's output token for token.
+        let s = sampler.sample(row);
+        let t = s.token;
+        out.tokens.push(s);
+        alive.retain(|&c| drafts[c].tokens.get(j) == Some(&t));
+        match alive.first() {
+            Some(&c) => {
                 winner = c;
+                out.accepted += 1;
             }
-            None => {
-                if untestable && !rejected {
-                    out.tokens.push(sampler.sample(row));
-                    break;
-                }
-                // p already is what is left after every rejection.
-                let t = sampler.draw_residual(&p, &[]);
-                out.tokens.push(sampler.observe(row, t));
-                break;
-            }
+            None => break,
         }
     }
     (winner, out)
-}
-
-/// normalize(max(0, p − q)), sparse; p itself where that has no mass (only through rounding).
-fn residual(p: &[(u32, f32)], q: &[(u32, f32)]) -> Vec<(u32, f32)> {
-    let r = crate::sampling::residual_weights(p, q);
-    let total: f64 = r.iter().map(|e| f64::from(e.1)).sum();
-    if r.is_empty() || total <= 0.0 {
-        return p.to_vec();
-    }
-    r.into_iter()
-        .map(|(t, w)| (t, (f64::from(w) / total) as f32))
-        .collect()
 }
 
 #[cfg(test)]
@@ -631,10 +578,11 @@ mod tests {
             .sum()
     }
 
-    /// Speculative sampling is exact: whatever the draft (the target itself, a bad one that
-    /// proposes what the target almost never picks, an unrelated one), the first and second
-    /// emitted tokens follow the target's distributions at those positions (chi-square, 5
-    /// degrees of freedom, critical value 20.5 at p = 0.001, fixed seeds).
+    /// Speculative sampling is exact: whatever the draft (the target itself racing with the same
+    /// noise, a bad one that proposes what the target almost never picks, an unrelated one),
+    /// the first and second emitted tokens follow the target's distributions at those positions
+    /// (chi-square, 5 degrees of freedom, critical value 20.5 at p = 0.001, fixed seeds), and
+    /// are plain sampling's tokens for the same seed.
     #[test]
     fn speculative_sampling_matches_the_target_distribution() {
         let rows: Vec<Vec<f32>> = vec![
@@ -671,14 +619,27 @@ mod tests {
                     seed: Some(trial * 31 + 1),
                     ..Default::default()
                 };
+                let mut plain = Sampler::new(params.clone(), &[]);
+                let plain: Vec<u32> = rows.iter().map(|r| plain.sample(r).token).collect();
                 let mut sampler = Sampler::new(params, &[]);
-                let tokens: Vec<u32> = q.iter().map(|qj| draw(&mut rng, qj)).collect();
+                let seed = sampler.seed();
+                let tokens: Vec<u32> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(j, qj)| match name {
+                        // Gumbel coupling: the draft races its q with the target's noise.
+                        "perfect" => crate::sampling::race(qj.iter().copied(), seed, j as u64),
+                        _ => draw(&mut rng, qj),
+                    })
+                    .collect();
                 let draft = Draft {
                     tokens,
                     q: q.clone(),
                     ..Default::default()
                 };
                 let v = verify(&mut sampler, &draft, &rows);
+                let got: Vec<u32> = v.tokens.iter().map(|t| t.token).collect();
+                assert_eq!(got[..], plain[..got.len()], "{name}: not plain sampling's tokens");
                 drafted += 2;
                 accepted += v.accepted as u64;
                 first[v.tokens[0].token as usize] += 1;

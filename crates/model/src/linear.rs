@@ -28,7 +28,8 @@ pub enum LinearWeight {
 /// rows (decode) stay on the quantized kernel, which reads 4x fewer bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchMatmul {
-    /// From this many rows on, dequantize the weight and use a dense GEMM.
+    /// From this many rows on, dequantize the weight and use a dense GEMM (`usize::MAX`: never,
+    /// the default; see `Default`).
     pub dense_from_rows: usize,
     /// Keep the dequantized f32 weights in memory (4 bytes per parameter more) instead of
     /// dequantizing on each such batch; then dense from `KEPT_DENSE_FROM_ROWS` rows.
@@ -46,10 +47,16 @@ fn has_fast_batched_kernel(q: &QTensor) -> bool {
 /// With a kept copy the dense path pays no dequantization, so it wins from fewer rows.
 const KEPT_DENSE_FROM_ROWS: usize = 8;
 
+/// Off by default: the dense GEMM computes in f32 what the quantized kernel computes on
+/// int8-quantized activations, so a row's result would depend on how many rows shared its
+/// forward, and a request's tokens on the load (batch invariance, tests/batch_invariance.rs in
+/// the engine). It costs prefill speed where candle has no batched kernel for the weight's
+/// type (SmolLM2's Q8_0, the re-quantized row slices of tensor-parallel K-quant weights):
+/// measured in docs/benchmarks.md. `dense_from_rows: 32` turns it back on.
 impl Default for BatchMatmul {
     fn default() -> Self {
         Self {
-            dense_from_rows: 32,
+            dense_from_rows: usize::MAX,
             keep_dense_copy: false,
         }
     }

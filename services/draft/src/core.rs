@@ -12,8 +12,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tandem_model::{KvCache, Model, ModelError, SeqInput, SlotId, TextModel, Transformer};
 use tandem_proto::draft::v1::{
     CandidateDraft, ProposeRequest, ProposeResponse, SequenceDraft, SparseDistribution,
@@ -111,7 +109,8 @@ struct Work {
     cap: usize,
     sampling: Option<Sampling>,
     min_confidence: f32,
-    rng: StdRng,
+    /// Seed of the race noise of sampled drafts (the verifier's seed for the main draft).
+    noise_seed: u64,
     drafted: Vec<u32>,
     q: Vec<SparseDistribution>,
     done: bool,
@@ -253,7 +252,8 @@ impl DraftCore {
     ///   when greedy); with nothing appended, the last held token runs again for its logits;
     /// - greedy (no sampling, temperature < 1e-5 or top_k 1): argmax, q = {token: 1}; sampling:
     ///   temperature → top-k → top-p → the `max_q_tokens` most likely (default 32), renormalized
-    ///   = q, drawn with an RNG seeded by `seed` (the same call gives the same drafts);
+    ///   = q, raced with the noise of (`seed`, position) (`tandem_engine::sampling::race`): with
+    ///   the verifier's seed, its own draw wherever the two models agree;
     /// - `held` = what the KV holds: context + every draft but the last.
     ///
     /// Validation errors change nothing. A failed forward fails the call and drops its
@@ -652,7 +652,7 @@ impl DraftCore {
             cap,
             sampling: p.sampling,
             min_confidence: p.min_confidence,
-            rng: StdRng::seed_from_u64(p.sampling.map_or(0, |s| s.seed)),
+            noise_seed: p.sampling.map_or(0, |s| s.seed),
             drafted: Vec::new(),
             q: Vec::new(),
             done: false,
@@ -701,7 +701,7 @@ impl DraftCore {
                 w.fed += n;
                 if w.fed == w.pending.len() && w.cap > 0 {
                     if let Some(logits) = seq_rows.pop() {
-                        choose(w, &logits);
+                        choose(w, &logits, self.kv.len(w.slot).unwrap_or(0));
                         if w.candidates > 1 && w.sampling.is_none() {
                             w.first_logits = Some(logits);
                         }
@@ -741,7 +741,7 @@ impl DraftCore {
                     self.record(w.id, t);
                 }
                 if let Some(logits) = seq_rows.pop() {
-                    choose(w, &logits);
+                    choose(w, &logits, self.kv.len(w.slot).unwrap_or(0));
                 } else {
                     w.done = true;
                 }
@@ -789,8 +789,9 @@ impl DraftCore {
                     let q: Vec<(u32, f32)> = q0.ids.iter().copied().zip(q0.probs.clone()).collect();
                     (1..w.candidates as u64)
                         .map(|c| {
-                            let mut rng = StdRng::seed_from_u64(seed ^ (c << 40));
-                            (sample::draw(&q, &mut rng), q0.clone())
+                            let noise = seed ^ (c << 40);
+                            let t = tandem_engine::sampling::race(q.iter().copied(), noise, len as u64);
+                            (t, q0.clone())
                         })
                         .collect()
                 }
@@ -810,7 +811,7 @@ impl DraftCore {
                     cap: w.cap,
                     sampling: w.sampling,
                     min_confidence: w.min_confidence,
-                    rng: StdRng::seed_from_u64(seed ^ ((c as u64 + 1) << 48)),
+                    noise_seed: seed ^ ((c as u64 + 1) << 48),
                     drafted: vec![token],
                     q: vec![q],
                     done: w.cap <= 1 || w.done,
@@ -864,7 +865,7 @@ impl DraftCore {
 }
 
 /// Drafts one position for `w` from its logits, or stops it (confidence below the threshold).
-fn choose(w: &mut Work, logits: &[f32]) {
+fn choose(w: &mut Work, logits: &[f32], position: usize) {
     if w.min_confidence > 0.0 {
         let t = w.sampling.map_or(1.0, |s| s.temperature);
         if sample::top_probability(logits, t) < w.min_confidence {
@@ -872,7 +873,7 @@ fn choose(w: &mut Work, logits: &[f32]) {
             return;
         }
     }
-    let c = sample::choose(logits, w.sampling.as_ref(), &mut w.rng);
+    let c = sample::choose(logits, w.sampling.as_ref(), w.noise_seed, position as u64);
     w.drafted.push(c.token);
     w.q.push(SparseDistribution {
         ids: c.q.iter().map(|x| x.0).collect(),

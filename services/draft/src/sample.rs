@@ -1,17 +1,15 @@
 //! How a drafted token is picked from one row of logits, and the distribution q it is drawn
-//! from (sent back sparsely so the verifier's acceptance test min(1, p/q) stays exact).
+//! from (sent back sparsely, for diagnostics: verification is an exact match).
 //!
 //! Sampling: temperature, then top-k, then top-p (nucleus, over the top-k renormalized), then
 //! only the `max_q` most likely tokens are kept; the survivors renormalized are q, and the token
-//! is drawn from exactly that q. Greedy: the argmax, with q = {argmax: 1}.
+//! is q's winner of the race with the verifier's noise at that position. Greedy: the argmax,
+//! with q = {argmax: 1}.
 //!
 //! Written for a 150k vocabulary: one exp pass and one bounded-heap scan per row, no full sort.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-
-use rand::rngs::StdRng;
-use rand::Rng;
 
 /// Temperatures below this are greedy (the engine's sampler uses the same epsilon).
 pub(crate) const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
@@ -170,24 +168,6 @@ pub(crate) fn distribution(logits: &[f32], s: &Sampling) -> Vec<(u32, f32)> {
         .collect()
 }
 
-/// Draws one token from `q` (probabilities summing to 1, up to rounding).
-pub(crate) fn draw(q: &[(u32, f32)], rng: &mut StdRng) -> u32 {
-    let total: f64 = q.iter().map(|&(_, p)| f64::from(p)).sum();
-    let u = rng.random::<f64>() * total;
-    let mut cum = 0.0f64;
-    for &(id, p) in q {
-        cum += f64::from(p);
-        if u < cum {
-            return id;
-        }
-    }
-    // Rounding left u at the very top: the last token with any mass.
-    q.iter()
-        .rev()
-        .find(|&&(_, p)| p > 0.0)
-        .map_or(0, |&(id, _)| id)
-}
-
 /// The `n` most likely tokens, most likely first (ties: lower id first).
 pub(crate) fn top_tokens(logits: &[f32], n: usize) -> Vec<u32> {
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
@@ -202,8 +182,16 @@ pub(crate) fn top_tokens(logits: &[f32], n: usize) -> Vec<u32> {
     top.into_iter().map(|(t, _)| t).collect()
 }
 
-/// Picks the token for one drafted position.
-pub(crate) fn choose(logits: &[f32], sampling: Option<&Sampling>, rng: &mut StdRng) -> Choice {
+/// Picks the token for one drafted position (`position` in the whole sequence). Sampled drafts
+/// race q with the noise of (`noise_seed`, position), the verifier's own draw when the seed is
+/// the verifier's: the draft proposes the target's token wherever the two agree (Gumbel
+/// coupling), and verification is an exact match.
+pub(crate) fn choose(
+    logits: &[f32],
+    sampling: Option<&Sampling>,
+    noise_seed: u64,
+    position: u64,
+) -> Choice {
     match sampling {
         None => {
             let token = argmax(logits);
@@ -221,7 +209,7 @@ pub(crate) fn choose(logits: &[f32], sampling: Option<&Sampling>, rng: &mut StdR
                     q: vec![(token, 1.0)],
                 };
             }
-            let token = draw(&q, rng);
+            let token = tandem_engine::sampling::race(q.iter().copied(), noise_seed, position);
             Choice { token, q }
         }
     }
@@ -231,7 +219,6 @@ pub(crate) fn choose(logits: &[f32], sampling: Option<&Sampling>, rng: &mut StdR
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn s(temperature: f32, top_k: usize, top_p: f32, max_q: usize) -> Sampling {
         Sampling {
@@ -311,18 +298,16 @@ mod tests {
         assert_eq!(q[0].0, 4);
         assert!(q.iter().all(|&(id, _)| id != 0 && id != 2));
         assert!(distribution(&[f32::NAN; 4], &s(1.0, 0, 1.0, 32)).is_empty());
-        let mut rng = StdRng::seed_from_u64(1);
-        let c = choose(&[f32::NAN; 4], Some(&s(1.0, 0, 1.0, 4)), &mut rng);
+        let c = choose(&[f32::NAN; 4], Some(&s(1.0, 0, 1.0, 4)), 1, 0);
         assert_eq!(c.q, vec![(c.token, 1.0)]);
     }
 
     #[test]
     fn draws_only_from_q_and_top_probability() {
         let logits = [0.0f32, 2.0, 1.0, -1.0];
-        let mut rng = StdRng::seed_from_u64(7);
         let p = s(1.0, 0, 1.0, 2);
-        for _ in 0..200 {
-            let c = choose(&logits, Some(&p), &mut rng);
+        for position in 0..200 {
+            let c = choose(&logits, Some(&p), 7, position);
             assert!(c.token == 1 || c.token == 2, "{c:?}");
         }
         let z: f32 = logits.iter().map(|l| (l - 2.0).exp()).sum();
