@@ -54,6 +54,10 @@ fn run(e: &Engine, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The group's socket timeout while it runs steps: far above a step's time on a loaded machine,
+/// so only a dead or hung rank trips it.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn cfg() -> TinyConfig {
     let mut c = TinyConfig::llama();
     c.num_heads = 4;
@@ -104,14 +108,14 @@ fn group_of_two_equals_one_rank_and_stops_cleanly() {
     );
     let want = run(&single, 20);
 
-    let (leader, followers) = group(&tiny.dir, 2, Duration::from_secs(2));
+    let (leader, followers) = group(&tiny.dir, 2, IO_TIMEOUT);
     let handles: Vec<_> = followers
         .into_iter()
         .map(|(m, c)| std::thread::spawn(move || Follower::new(m.transformer, c).run()))
         .collect();
     assert_eq!(run(&leader, 20), want);
     // A second wave after an idle gap longer than the socket timeout: idle followers wait.
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(IO_TIMEOUT + Duration::from_millis(500));
     assert_eq!(run(&leader, 20), want);
     // Speculative greedy through the group: rejected drafts truncate every rank's KV (the
     // truncations travel in the step plan), and the tokens still equal TP=1 plain greedy.
@@ -151,7 +155,9 @@ fn group_of_two_equals_one_rank_and_stops_cleanly() {
 #[test]
 fn a_dead_follower_fails_the_group_fast() {
     let tiny = tiny_model(&cfg()).unwrap();
-    let (leader, mut followers) = group(&tiny.dir, 2, Duration::from_secs(2));
+    // A long socket timeout: failing well before it means the leader saw the connection close.
+    let io_timeout = Duration::from_secs(60);
+    let (leader, mut followers) = group(&tiny.dir, 2, io_timeout);
     let (m, c) = followers.remove(0);
     // The follower runs the warm-up and a few steps, then dies (drops its connections).
     let h = std::thread::spawn(move || {
@@ -169,7 +175,9 @@ fn a_dead_follower_fails_the_group_fast() {
         matches!(err, Some(EngineError::GroupFailed(_))),
         "expected GroupFailed, got {err:?}"
     );
-    assert!(start.elapsed() < Duration::from_secs(10));
+    let took = start.elapsed();
+    eprintln!("the group failed {took:?} after the request");
+    assert!(took < io_timeout / 2, "took {took:?}");
     // From now on the replica refuses at once.
     let again = leader.submit(greedy(vec![1, 2, 3], 4)).err();
     assert!(
@@ -185,7 +193,7 @@ fn a_dead_follower_fails_the_group_fast() {
 #[test]
 fn explicit_shutdown_ends_the_followers_while_other_handles_live() {
     let tiny = tiny_model(&cfg()).unwrap();
-    let (leader, followers) = group(&tiny.dir, 2, Duration::from_secs(2));
+    let (leader, followers) = group(&tiny.dir, 2, IO_TIMEOUT);
     let handles: Vec<_> = followers
         .into_iter()
         .map(|(m, c)| std::thread::spawn(move || Follower::new(m.transformer, c).run()))
@@ -193,7 +201,7 @@ fn explicit_shutdown_ends_the_followers_while_other_handles_live() {
     // A clone held elsewhere (a server's, a stream's) must not keep the group alive.
     let other = leader.clone();
     let long = leader.submit(greedy(vec![1, 2, 3], 400)).unwrap();
-    assert!(leader.shutdown(Duration::from_secs(10)));
+    assert!(leader.shutdown(Duration::from_secs(30)));
     // The follower got the shutdown plan: a clean end, not a broken connection.
     for h in handles {
         h.join().unwrap().unwrap();

@@ -46,7 +46,13 @@ fn worker(
     Proc::start(name, logs, &args)
 }
 
-fn router(addr: SocketAddr, metrics: SocketAddr, workers: &[SocketAddr], logs: &Path) -> Proc {
+fn router(
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    workers: &[SocketAddr],
+    logs: &Path,
+    drain_grace: &str,
+) -> Proc {
     let urls: Vec<String> = workers.iter().map(|a| format!("http://{a}")).collect();
     Proc::start(
         "router",
@@ -62,7 +68,7 @@ fn router(addr: SocketAddr, metrics: SocketAddr, workers: &[SocketAddr], logs: &
             "--poll-interval".into(),
             "250ms".into(),
             "--drain-grace".into(),
-            "20s".into(),
+            drain_grace.into(),
         ],
     )
 }
@@ -96,6 +102,11 @@ impl Cluster {
 
     /// `extra` flags go to every worker.
     async fn start_with(model: &Path, n: usize, extra: &[&str]) -> Cluster {
+        Self::start_full(model, n, extra, "20s").await
+    }
+
+    /// `drain_grace`: the router's `--drain-grace`.
+    async fn start_full(model: &Path, n: usize, extra: &[&str], drain_grace: &str) -> Cluster {
         let logs = tempfile::Builder::new()
             .prefix("tandem-e2e-")
             .tempdir()
@@ -117,7 +128,13 @@ impl Cluster {
             .collect();
         let router_addr = free_addr();
         let metrics_addr = free_addr();
-        let router = router(router_addr, metrics_addr, &worker_addrs, logs.path());
+        let router = router(
+            router_addr,
+            metrics_addr,
+            &worker_addrs,
+            logs.path(),
+            drain_grace,
+        );
         let c = Cluster {
             router,
             router_addr,
@@ -187,6 +204,29 @@ impl Cluster {
         metric_sample(&m, "tandem_worker_generated_tokens", "")
             .unwrap_or_else(|| panic!("no generated token count in:\n{m}"))
     }
+
+    /// Sequences worker `i` dropped before they finished (client gone, deadline, abort).
+    async fn worker_cancelled(&self, i: usize) -> f64 {
+        let m = scrape_metrics(self.worker_metrics[i]).await;
+        metric_sample(&m, "tandem_worker_cancelled_sequences", "")
+            .unwrap_or_else(|| panic!("no cancelled sequence count in:\n{m}"))
+    }
+
+    /// Generation attempts the router has sent to its workers, all together.
+    async fn router_attempts(&self) -> f64 {
+        let m = self.metrics().await;
+        self.worker_addrs
+            .iter()
+            .map(|a| {
+                metric_sample(
+                    &m,
+                    "tandem_router_worker_requests_total",
+                    &format!("http://{a}"),
+                )
+                .unwrap_or(0.0)
+            })
+            .sum()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -244,6 +284,22 @@ async fn stream_all(
 
 async fn load(shard: &mut ShardClient<Channel>) -> LoadResponse {
     shard.load(LoadRequest {}).await.unwrap().into_inner()
+}
+
+/// Waits until the worker runs nothing and holds no KV (30 s: only a bound on hangs).
+async fn wait_idle(shard: &mut ShardClient<Channel>) {
+    let start = Instant::now();
+    loop {
+        let l = load(shard).await;
+        if l.running == 0 && l.waiting == 0 && l.kv_tokens == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the worker still holds a sequence: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A tiny Llama slow enough that a long generation outlasts the test's checks: 4096 positions,
@@ -690,7 +746,7 @@ async fn worker_crash_is_survived_and_recovered() {
                 assert_eq!(e.code(), Code::Unavailable, "{e:?}");
                 break;
             }
-            Ok(_) => assert!(start.elapsed() < Duration::from_secs(5), "still served?"),
+            Ok(_) => assert!(start.elapsed() < Duration::from_secs(30), "still served?"),
         }
     }
     let e = stream_all(&mut c, text_req("crash test", 16))
@@ -710,15 +766,16 @@ async fn worker_crash_is_survived_and_recovered() {
             }
             Err(e) => {
                 assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                // The restarted worker loads its model first.
                 assert!(
-                    start.elapsed() < Duration::from_secs(60),
+                    start.elapsed() < Duration::from_secs(120),
                     "serving did not resume: {e:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    cluster.wait_replicas(1, Duration::from_secs(10)).await;
+    cluster.wait_replicas(1, Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -730,6 +787,7 @@ async fn dropped_stream_frees_the_sequence_and_deadlines_hold() {
 
     // A client reads a few chunks of a long generation, then goes away.
     let generated_before = cluster.worker_generated(0).await;
+    let cancelled_before = cluster.worker_cancelled(0).await;
     let mut s = c
         .generate_stream(long_req("a long story", 4000))
         .await
@@ -742,22 +800,25 @@ async fn dropped_stream_frees_the_sequence_and_deadlines_hold() {
     assert_eq!(l.running, 1, "{l:?}");
     assert!(l.kv_tokens > 0, "{l:?}");
     drop(s);
+    // Freed because it was aborted, not because it finished: the worker counts a sequence it
+    // dropped unfinished as cancelled (recorded as it drops it, so poll that too).
     let start = Instant::now();
     loop {
         let l = load(&mut shard).await;
-        if l.running == 0 && l.waiting == 0 && l.kv_tokens == 0 {
+        let cancelled = cluster.worker_cancelled(0).await - cancelled_before;
+        if l.running == 0 && l.waiting == 0 && l.kv_tokens == 0 && cancelled == 1.0 {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "the worker still holds the dropped sequence: {l:?}"
+            start.elapsed() < Duration::from_secs(30),
+            "the worker still holds the dropped sequence or did not cancel it \
+             ({cancelled} cancelled): {l:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Freed because it was aborted, not because it finished.
     let generated = cluster.worker_generated(0).await - generated_before;
     eprintln!("dropped stream: {generated} tokens generated");
-    assert!(generated < 2000.0, "{generated} tokens generated");
+    assert!(generated < 4000.0, "{generated} tokens generated");
 
     // A 300 ms deadline on a long generation: DEADLINE_EXCEEDED, and the worker frees it.
     for unary in [false, true] {
@@ -791,24 +852,31 @@ async fn dropped_stream_frees_the_sequence_and_deadlines_hold() {
             err.code() == Code::DeadlineExceeded || client_timer,
             "unary={unary}: {err:?}"
         );
-        assert!(took < Duration::from_secs(2), "took {took:?}");
-        let start = Instant::now();
-        loop {
-            let l = load(&mut shard).await;
-            if l.running == 0 && l.kv_tokens == 0 {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(2), "{l:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eprintln!("unary={unary}: deadline error after {took:?}");
+        // Only catches a deadline that is not enforced (the request runs far longer).
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        wait_idle(&mut shard).await;
     }
-    let generated = cluster.worker_generated(0).await - generated_before;
-    eprintln!("dropped stream and two deadlines: {generated} tokens generated");
-    assert!(generated < 4000.0, "{generated} tokens generated");
 
     // Still serving afterwards.
     let r = c.generate(text_req("after", 4)).await.unwrap().into_inner();
     assert_eq!(r.token_ids.len(), 4);
+
+    // No long generation ran to its end: the worker's only completed request is the one just
+    // above. A deadline's sequence is either cancelled (counted) or never reached the worker
+    // (tonic's own timer fired while the router was still routing it); one that reached it late
+    // and was not aborted would still be running below, or be a second completed request.
+    wait_idle(&mut shard).await;
+    let m = scrape_metrics(cluster.worker_metrics[0]).await;
+    let cancelled = cluster.worker_cancelled(0).await - cancelled_before;
+    let generated = cluster.worker_generated(0).await - generated_before;
+    eprintln!("dropped stream, two deadlines: {cancelled} cancelled, {generated} tokens generated");
+    assert_eq!(
+        metric_sample(&m, "tandem_worker_requests_total", "code=\"OK\""),
+        Some(1.0),
+        "{m}"
+    );
+    assert!((1.0..=3.0).contains(&cancelled), "{cancelled} cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -837,10 +905,15 @@ async fn real_smollm2_capital_of_france() {
 #[tokio::test(flavor = "multi_thread")]
 async fn router_drains_in_flight_requests_on_sigterm() {
     let tiny = slow_tiny();
-    let mut cluster = Cluster::start(&tiny.dir, 1).await;
+    // The grace only catches a hang: the long request below must be able to finish in it on
+    // a loaded machine.
+    let mut cluster = Cluster::start_full(&tiny.dir, 1, &[], "600s").await;
     let mut c = cluster.client().await;
+    // Long (near the model's 4096 positions), so it is surely still running while the drain
+    // starts and the late request is refused.
+    let n = 4000;
     let mut s = c
-        .generate_stream(long_req("drain", 300))
+        .generate_stream(long_req("drain", n))
         .await
         .unwrap()
         .into_inner();
@@ -868,7 +941,7 @@ async fn router_drains_in_flight_requests_on_sigterm() {
         if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(start.elapsed() < Duration::from_secs(30), "still SERVING");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let e = c.generate(text_req("late", 4)).await.unwrap_err();
@@ -880,9 +953,9 @@ async fn router_drains_in_flight_requests_on_sigterm() {
         tokens += chunk.token_ids.len();
         finish = chunk.finish_reason;
     }
-    assert_eq!(tokens, 300);
+    assert_eq!(tokens, n as usize);
     assert_eq!(finish, FinishReason::Length as i32);
-    let status = cluster.router.wait_exit(Duration::from_secs(15)).await;
+    let status = cluster.router.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "router exit: {status}");
 }
 
@@ -968,32 +1041,44 @@ async fn full_queues_are_resource_exhausted_after_trying_every_worker() {
     let cluster =
         Cluster::start_with(&tiny.dir, 2, &["--max-running", "1", "--max-waiting", "1"]).await;
     let c = cluster.client().await;
-    // Capacity is 2 per worker (1 running + 1 waiting): 4 long requests fill both.
+    // Capacity is 2 per worker (1 running + 1 waiting): 4 long requests fill both. Least
+    // outstanding tokens sends fills 0 and 1 to different workers; each must be running (its
+    // first token came) before fills 2 and 3 are sent, or one of those could find a queue
+    // still holding a fill not yet admitted, and be refused there.
     let mut streams = Vec::new();
     for i in 0..4 {
         let mut c = c.clone();
-        let s = c
+        let mut s = c
             .generate_stream(long_req(&format!("fill {i}"), 4000))
             .await
-            .unwrap_or_else(|e| panic!("request {i} refused: {e:?}"));
-        streams.push(s.into_inner());
+            .unwrap_or_else(|e| panic!("request {i} refused: {e:?}"))
+            .into_inner();
+        if i < 2 {
+            let first = tokio::time::timeout(Duration::from_secs(60), s.message())
+                .await
+                .unwrap_or_else(|_| panic!("fill {i}: no first token in 60 s"));
+            assert!(first.unwrap().is_some(), "fill {i} ended at once");
+        }
+        streams.push(s);
     }
     for i in 0..2 {
         let mut shard = cluster.shard(i).await;
         let start = Instant::now();
         loop {
-            // The engine admits from its queue on its own thread: give it a moment.
+            // The engine admits from its queue on its own thread and publishes its stats after
+            // a step: poll (the bound only catches a hang).
             let l = load(&mut shard).await;
             if (l.running, l.waiting) == (1, 1) {
                 break;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(2),
+                start.elapsed() < Duration::from_secs(30),
                 "worker {i}: {l:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    let attempts_before = cluster.router_attempts().await;
     let mut c2 = c.clone();
     let e = stream_all(&mut c2, long_req("one too many", 4))
         .await
@@ -1001,21 +1086,10 @@ async fn full_queues_are_resource_exhausted_after_trying_every_worker() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     let e = c2.generate(long_req("one too many", 4)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    // Each refused request was offered to both workers.
-    let m = cluster.metrics().await;
-    let total: f64 = cluster
-        .worker_addrs
-        .iter()
-        .map(|a| {
-            metric_sample(
-                &m,
-                "tandem_router_worker_requests_total",
-                &format!("http://{a}"),
-            )
-            .unwrap()
-        })
-        .sum();
-    assert_eq!(total, 4.0 + 2.0 + 2.0, "{m}");
+    // Each refused request was offered to both workers (the fills' attempts are left out: a
+    // fill may have been retried elsewhere).
+    let attempts = cluster.router_attempts().await - attempts_before;
+    assert_eq!(attempts, 2.0 + 2.0, "{}", cluster.metrics().await);
     // Room again once the streams go away.
     drop(streams);
     let start = Instant::now();
@@ -1027,7 +1101,7 @@ async fn full_queues_are_resource_exhausted_after_trying_every_worker() {
             }
             Err(e) => {
                 assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-                assert!(start.elapsed() < Duration::from_secs(3), "{e:?}");
+                assert!(start.elapsed() < Duration::from_secs(30), "{e:?}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

