@@ -25,7 +25,9 @@ fn main() {
             .map_or(default, |v| v.parse().unwrap())
     };
     let (Some(target), Some(draft)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: spec_coupling TARGET.gguf DRAFT.gguf [--temperature T] [--top-p P] [--seeds N]");
+        eprintln!(
+            "usage: spec_coupling TARGET.gguf DRAFT.gguf [--temperature T] [--top-p P] [--seeds N]"
+        );
         std::process::exit(2);
     };
     let params = SamplingParams {
@@ -57,7 +59,10 @@ fn main() {
             let p = sampler.distribution(p_row);
             let q = sampler.distribution(q_row);
             let q_of = |t: u32| q.iter().find(|e| e.0 == t).map_or(0.0, |e| f64::from(e.1));
-            rejection += p.iter().map(|&(t, pt)| f64::from(pt).min(q_of(t))).sum::<f64>();
+            rejection += p
+                .iter()
+                .map(|&(t, pt)| f64::from(pt).min(q_of(t)))
+                .sum::<f64>();
             let agree = (0..seeds)
                 .filter(|&s| {
                     race(p.iter().copied(), s, pos as u64) == race(q.iter().copied(), s, pos as u64)

@@ -639,7 +639,11 @@ mod tests {
                 };
                 let v = verify(&mut sampler, &draft, &rows);
                 let got: Vec<u32> = v.tokens.iter().map(|t| t.token).collect();
-                assert_eq!(got[..], plain[..got.len()], "{name}: not plain sampling's tokens");
+                assert_eq!(
+                    got[..],
+                    plain[..got.len()],
+                    "{name}: not plain sampling's tokens"
+                );
                 drafted += 2;
                 accepted += v.accepted as u64;
                 first[v.tokens[0].token as usize] += 1;

@@ -19,6 +19,9 @@ fn msg(m: &str) -> crate::error::ModelError {
     candle_core::Error::Msg(m.to_owned()).into()
 }
 
+/// Multiply-adds (per Q·K and per P·V) from which a call spreads over threads.
+const PARALLEL_FROM: usize = 1 << 20;
+
 /// Shapes of one call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Heads {
@@ -49,9 +52,11 @@ pub(crate) fn causal(
     let (k_guard, k_layout) = k.storage_and_layout();
     let (v_guard, v_layout) = v.storage_and_layout();
     let (qs, ks, vs) = match (&*q_guard, &*k_guard, &*v_guard) {
-        (Storage::Cpu(q), Storage::Cpu(k), Storage::Cpu(v)) => {
-            (q.as_slice::<f32>()?, k.as_slice::<f32>()?, v.as_slice::<f32>()?)
-        }
+        (Storage::Cpu(q), Storage::Cpu(k), Storage::Cpu(v)) => (
+            q.as_slice::<f32>()?,
+            k.as_slice::<f32>()?,
+            v.as_slice::<f32>()?,
+        ),
         _ => return Err(msg("the hand-written attention runs on CPU tensors only")),
     };
     let qs = &qs[q_layout.start_offset()..];
@@ -59,32 +64,43 @@ pub(crate) fn causal(
     let vv = Kv::new(vs, v_layout, hd)?;
     let group = heads / kv_heads;
     let mut out = vec![0f32; n * heads * hd];
-    // One task per (row, head): each output element is written by exactly one task, in a fixed
-    // order, so threads change the speed and never the bits.
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .with_min_len(4)
-        .for_each_init(Vec::new, |scores, (task, o)| {
-            let (i, h) = (task / heads, task % heads);
-            let g = h / group;
-            let qrow = &qs[(i * heads + h) * hd..][..hd];
-            let len = start + i + 1;
-            scores.clear();
-            scores.extend((0..len).map(|j| dot(qrow, kv.row(g, j)) * scale));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+    let row = |scores: &mut Vec<f32>, (task, o): (usize, &mut [f32])| {
+        let (i, h) = (task / heads, task % heads);
+        let g = h / group;
+        let qrow = &qs[(i * heads + h) * hd..][..hd];
+        let len = start + i + 1;
+        scores.clear();
+        scores.extend((0..len).map(|j| dot(qrow, kv.row(g, j)) * scale));
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for (j, &e) in scores.iter().enumerate() {
+            let p = e * inv;
+            for (o, &x) in o.iter_mut().zip(vv.row(g, j)) {
+                *o += p * x;
             }
-            let inv = 1.0 / sum;
-            for (j, &e) in scores.iter().enumerate() {
-                let p = e * inv;
-                for (o, &x) in o.iter_mut().zip(vv.row(g, j)) {
-                    *o += p * x;
-                }
-            }
-        });
+        }
+    };
+    // Each output row (one query row, one head) is written by exactly one task, in a fixed
+    // order, so threads change the speed and never the bits. Small calls (a decoded token)
+    // stay on this thread: waking a second pool's threads between candle's matmuls costs more
+    // than it saves on 2 cores.
+    let work = n * heads * (start + n) * hd;
+    if work < PARALLEL_FROM {
+        let mut scores = Vec::new();
+        out.chunks_mut(hd)
+            .enumerate()
+            .for_each(|t| row(&mut scores, t));
+    } else {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .with_min_len(4)
+            .for_each_init(Vec::new, |scores, t| row(scores, t));
+    }
     drop((q_guard, k_guard, v_guard));
     Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
 }
@@ -101,7 +117,9 @@ impl<'a> Kv<'a> {
     fn new(data: &'a [f32], layout: &Layout, hd: usize) -> Result<Self> {
         let stride = layout.stride();
         if stride.len() != 3 || stride[2] != 1 {
-            return Err(msg("attention expects KV views with a contiguous head dimension"));
+            return Err(msg(
+                "attention expects KV views with a contiguous head dimension",
+            ));
         }
         Ok(Self {
             data: &data[layout.start_offset()..],

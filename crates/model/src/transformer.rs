@@ -193,7 +193,12 @@ impl Attention {
                 };
                 let q_rows = q.narrow(0, s.offset, n)?;
                 outs.push(attention::causal(
-                    &q_rows, &k_all, &v_all, s.start, shape, scale as f32,
+                    &q_rows,
+                    &k_all,
+                    &v_all,
+                    s.start,
+                    shape,
+                    scale as f32,
                 )?);
                 continue;
             }

@@ -790,7 +790,8 @@ impl DraftCore {
                     (1..w.candidates as u64)
                         .map(|c| {
                             let noise = seed ^ (c << 40);
-                            let t = tandem_engine::sampling::race(q.iter().copied(), noise, len as u64);
+                            let t =
+                                tandem_engine::sampling::race(q.iter().copied(), noise, len as u64);
                             (t, q0.clone())
                         })
                         .collect()
