@@ -7,6 +7,8 @@ use crate::stopping::{FinishReason, StopCriteria};
 /// Limits on what one request may ask for, checked before it is queued.
 pub const MAX_STOP_STRINGS: usize = 8;
 pub const MAX_STOP_STRING_LEN: usize = 256;
+/// Each is checked against every generated token; a few dozen cover every real use.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 #[derive(Debug, Clone)]
@@ -105,6 +107,15 @@ impl Request {
         }
         if self.stop.stop_strings.iter().any(|s| s.is_empty()) {
             return invalid("stop", "stop strings must not be empty".into());
+        }
+        if self.stop.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return invalid(
+                "stop_token_ids",
+                format!(
+                    "at most {MAX_STOP_TOKEN_IDS} stop token ids, got {}",
+                    self.stop.stop_token_ids.len()
+                ),
+            );
         }
         Ok(())
     }

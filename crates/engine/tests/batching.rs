@@ -237,6 +237,17 @@ fn queue_is_bounded_and_bad_requests_are_refused() {
             },
             "stop",
         ),
+        (
+            Request {
+                stop: StopCriteria {
+                    max_new_tokens: 4,
+                    stop_token_ids: vec![1; 65],
+                    ..Default::default()
+                },
+                ..greedy(vec![1], 4)
+            },
+            "stop_token_ids",
+        ),
     ];
     for (req, field) in cases {
         let err = e.submit(req).err().unwrap();

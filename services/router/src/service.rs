@@ -223,6 +223,7 @@ impl Shared {
     /// The model a request names; empty means the default: the configured one, else the only
     /// (or first, by name) model served.
     fn resolve_model(&self, snap: &Snapshot, name: &str) -> Result<ModelView, RequestError> {
+        crate::validate::check_model_name(name)?;
         let name = if name.is_empty() {
             match (&self.cfg.model_name, snap.models.keys().next()) {
                 (Some(n), _) => n.as_str(),

@@ -2,7 +2,9 @@
 //! nothing after this module re-checks a field. Every failure is one [`RequestError`] variant,
 //! mapped to a gRPC status once, in `From<RequestError> for Status`.
 
-use tandem_engine::request::{MAX_STOP_STRINGS, MAX_STOP_STRING_LEN, MAX_TOP_LOGPROBS};
+use tandem_engine::request::{
+    MAX_STOP_STRINGS, MAX_STOP_STRING_LEN, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS,
+};
 use tandem_model::{ChatMessage, TextModel};
 use tandem_proto::v1::{
     generate_request, speculation, tokenize_request, GenerateRequest, SamplingParameters,
@@ -16,6 +18,11 @@ use crate::pool::ModelView;
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
 /// Longest request_id / session_id accepted; they end up in logs.
 pub const MAX_ID_LEN: usize = 256;
+/// Longest model name accepted (names are file stems or configured names).
+pub const MAX_MODEL_NAME_LEN: usize = 256;
+/// Error messages quote at most this much of a client's input: a status message travels in
+/// HTTP/2 headers, which clients cap (a 1 MB name once came back whole).
+const QUOTE_LEN: usize = 64;
 /// Chat roles the public API documents.
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
@@ -33,7 +40,7 @@ pub enum RequestError {
         max_new_tokens: usize,
         context: usize,
     },
-    #[error("model: unknown model '{name}'; this cluster serves: {served}")]
+    #[error("model: unknown model '{}'; this cluster serves: {served}", quote(.name))]
     UnknownModel { name: String, served: String },
     #[error("{0}")]
     Unavailable(String),
@@ -295,6 +302,32 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| RequestError::Internal(format!("tokenizer task failed: {e}")))
 }
 
+/// The model name a request gives, refused when longer than any real name.
+pub fn check_model_name(name: &str) -> Result<(), RequestError> {
+    if name.len() > MAX_MODEL_NAME_LEN {
+        return Err(RequestError::invalid(
+            "model",
+            format!(
+                "must be at most {MAX_MODEL_NAME_LEN} bytes, got {}",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The first `QUOTE_LEN` bytes of `s` (on a char boundary), marked when cut.
+fn quote(s: &str) -> String {
+    if s.len() <= QUOTE_LEN {
+        return s.to_owned();
+    }
+    let mut end = QUOTE_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len())
+}
+
 fn parse_id(field: &'static str, id: String) -> Result<Option<String>, RequestError> {
     if id.len() > MAX_ID_LEN {
         return Err(RequestError::invalid(
@@ -378,6 +411,15 @@ fn check_stops(s: &StoppingCriteria, vocab_size: usize) -> Result<(), RequestErr
                 ),
             ));
         }
+    }
+    if s.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(RequestError::invalid(
+            "stop_token_ids",
+            format!(
+                "at most {MAX_STOP_TOKEN_IDS} stop token ids, got {}",
+                s.stop_token_ids.len()
+            ),
+        ));
     }
     if let Some(bad) = s.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
         return Err(RequestError::invalid(
@@ -515,6 +557,36 @@ mod tests {
         };
         let e = check_stops(&ids, 10).unwrap_err().to_string();
         assert!(e.starts_with("stop_token_ids:"), "{e}");
+        let many_ids = StoppingCriteria {
+            stop_token_ids: vec![1; 65],
+            ..Default::default()
+        };
+        let e = check_stops(&many_ids, 10).unwrap_err().to_string();
+        assert!(e.starts_with("stop_token_ids:") && e.contains("64"), "{e}");
+        let enough = StoppingCriteria {
+            stop_token_ids: vec![1; 64],
+            ..Default::default()
+        };
+        assert!(check_stops(&enough, 10).is_ok());
+    }
+
+    #[test]
+    fn model_names_are_capped_and_quoted_short() {
+        let e = check_model_name(&"m".repeat(257)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = e.to_string();
+        assert!(
+            e.starts_with("model:") && e.contains("256") && e.len() < 200,
+            "{e}"
+        );
+        assert!(check_model_name(&"m".repeat(256)).is_ok());
+        // An unknown name (under the cap) is echoed at most QUOTE_LEN bytes.
+        let e = RequestError::UnknownModel {
+            name: "é".repeat(100),
+            served: "qwen".into(),
+        }
+        .to_string();
+        assert!(e.len() < 160 && e.contains("(200 bytes)"), "{e}");
     }
 
     #[test]

@@ -661,6 +661,19 @@ async fn bad_inputs_are_invalid_argument_while_good_requests_stream() {
     let mut unknown_model = base();
     unknown_model.model = "no-such-model".into();
     cases.push(("unknown model", unknown_model, "model"));
+    // A 1 MB name: refused by length, and never echoed whole (clients cap status metadata).
+    let mut huge_model = base();
+    huge_model.model = "m".repeat(1 << 20);
+    cases.push(("huge model name", huge_model, "model"));
+    cases.push((
+        "too many stop token ids",
+        with_stopping(StoppingCriteria {
+            max_new_tokens: Some(4),
+            stop_token_ids: vec![1; 10_000],
+            ..Default::default()
+        }),
+        "stop_token_ids",
+    ));
 
     for (name, req, field) in cases {
         for unary in [false, true] {
@@ -680,6 +693,11 @@ async fn bad_inputs_are_invalid_argument_while_good_requests_stream() {
                 err.message().contains(field),
                 "{name}: message should name `{field}`: {}",
                 err.message()
+            );
+            assert!(
+                err.message().len() < 1024,
+                "{name}: {} bytes",
+                err.message().len()
             );
         }
     }
