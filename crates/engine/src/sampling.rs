@@ -143,11 +143,6 @@ impl Sampler {
         self.seed
     }
 
-    /// Position in the sequence (prompt included) of the token `sample` picks next.
-    pub fn position(&self) -> u64 {
-        self.position
-    }
-
     /// Picks the next token from one row of logits and records it for the penalties.
     ///
     /// NaN logits count as −∞. If every logit is masked (or the row is empty) the result is

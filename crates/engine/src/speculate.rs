@@ -407,20 +407,10 @@ pub fn verify_candidates(
         let Some(row) = rows[winner].get(j) else {
             break;
         };
-        // The candidates still alive that drafted a token here.
-        let with_token: Vec<usize> = alive
-            .iter()
-            .copied()
-            .filter(|&c| drafts[c].tokens.get(j).is_some())
-            .collect();
-        if with_token.is_empty() {
-            // Past every draft: the target's own next token.
-            out.tokens.push(sampler.sample(row));
-            break;
-        }
         // The target's token here is fixed before any draft is seen: greedy's argmax, or the
         // sampled draw, a function of (seed, position, logits) (sampling.rs). Accepting the
-        // candidates that drafted it gives plain decoding's output token for token.
+        // candidates that drafted it gives plain decoding's output token for token; past every
+        // draft, none did, and it is the target's own next token.
         let s = sampler.sample(row);
         let t = s.token;
         out.tokens.push(s);

@@ -225,14 +225,7 @@ async fn wait_until(
 /// The most replicas any model has on the router at `url` (0 when it can't tell).
 async fn replicas(url: &str) -> usize {
     use tandem_proto::v1::generation_client::GenerationClient;
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
-        return 0;
-    };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-    else {
+    let Some(channel) = connect(url).await else {
         return 0;
     };
     match GenerationClient::new(channel)
@@ -250,17 +243,20 @@ async fn replicas(url: &str) -> usize {
     }
 }
 
-async fn is_serving(url: &str) -> bool {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
-        return false;
-    };
-    let Ok(channel) = endpoint
+/// A channel to `url`, or None when it doesn't answer within a second.
+async fn connect(url: &str) -> Option<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .ok()?
         .connect_timeout(Duration::from_secs(1))
         .connect()
         .await
-    else {
+        .ok()
+}
+
+async fn is_serving(url: &str) -> bool {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+    let Some(channel) = connect(url).await else {
         return false;
     };
     let mut client = HealthClient::new(channel);

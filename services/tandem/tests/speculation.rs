@@ -58,15 +58,7 @@ async fn start(target: &Path, draft_model: &Path) -> Pair {
         .unwrap();
     let draft_addr = free_addr();
     let d = draft(draft_model, draft_addr, logs.path(), "draft");
-    let t0 = Instant::now();
-    while !serving(draft_addr).await {
-        // A bound for a hang only: loading a real draft on a loaded 2-core machine is slow.
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "the draft never served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_serving(draft_addr).await;
     let (worker_addr, worker_metrics) = (free_addr(), free_addr());
     let w = Proc::start(
         "worker",
@@ -315,14 +307,7 @@ async fn a_draft_with_another_tokenizer_is_refused() {
     let draft_addr = free_addr();
     let _d = draft(&smol, draft_addr, logs.path(), "draft");
     // Wait for the draft to serve (model loaded), so the worker's pairing check reaches it.
-    let t0 = Instant::now();
-    while !serving(draft_addr).await {
-        assert!(
-            t0.elapsed() < Duration::from_secs(600),
-            "the draft never served"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_serving(draft_addr).await;
     let mut w = Proc::start(
         "worker",
         logs.path(),
@@ -340,6 +325,19 @@ async fn a_draft_with_another_tokenizer_is_refused() {
     assert!(!status.success());
     let out = w.output();
     assert!(out.contains("tokenizer hash"), "{out}");
+}
+
+/// Waits until the server at `addr` reports SERVING. The bound only catches a hang: loading a
+/// real draft on a loaded 2-core machine is slow.
+async fn wait_serving(addr: SocketAddr) {
+    let t0 = Instant::now();
+    while !serving(addr).await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the draft never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn serving(addr: SocketAddr) -> bool {
