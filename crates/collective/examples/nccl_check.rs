@@ -8,20 +8,38 @@
 
 #[cfg(feature = "nccl")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
     use tandem_collective::{Communicator, NcclCommunicator};
 
     let gpus: usize = match std::env::args().nth(1) {
         Some(n) => n.parse()?,
         None => return Err("usage: nccl_check GPUS (the number of GPUs to use)".into()),
     };
-    let id = NcclCommunicator::unique_id()?;
+    println!("NCCL {}", tandem_collective::nccl_version()?);
+    let id = tandem_collective::new_unique_id()?;
     let threads: Vec<_> = (0..gpus)
         .map(|rank| {
             let id = id.clone();
             std::thread::spawn(move || -> Result<(Vec<f32>, f64), String> {
-                let comm =
-                    NcclCommunicator::new(rank, gpus, &id, rank).map_err(|e| e.to_string())?;
+                let device = candle_core::Device::new_cuda_with_stream(rank)
+                    .map_err(|e| format!("GPU {rank}: {e}"))?;
+                let comm = NcclCommunicator::new(rank, gpus, &id, &device, Duration::from_secs(60))
+                    .map_err(|e| e.to_string())?;
+                // A device tensor stays on the device: the model's row-parallel path.
+                let t = candle_core::Tensor::full((rank + 1) as f32, (4, 1536), &device)
+                    .map_err(|e| e.to_string())?;
+                let sum = comm.all_reduce_tensor(&t).map_err(|e| e.to_string())?;
+                let got: Vec<f32> = sum
+                    .flatten_all()
+                    .and_then(|s| s.to_vec1())
+                    .map_err(|e| e.to_string())?;
+                let want = (gpus * (gpus + 1) / 2) as f32;
+                if got.iter().any(|&v| v != want) {
+                    return Err(format!(
+                        "rank {rank}: device all-reduce gave {} not {want}",
+                        got[0]
+                    ));
+                }
                 // Integers: the sum is exact whatever the reduction order.
                 let mut buf: Vec<f32> = (0..1_000_003)
                     .map(|i| ((i * (rank + 1)) % 97) as f32)

@@ -529,3 +529,50 @@ fn invalid_arguments_are_errors() {
         Err(CollectiveError::InvalidArgument(_))
     ));
 }
+
+/// Rank 0's NCCL unique id reaches every rank over the TCP group (the rendezvous of groups
+/// started with `--group-peers`); ids are made by a stand-in here, NCCL itself needs a GPU.
+#[test]
+fn nccl_unique_id_is_shared_from_rank_0() {
+    use tandem_collective::{share_unique_id, NCCL_UNIQUE_ID_BYTES};
+    let id: Vec<u8> = (0..NCCL_UNIQUE_ID_BYTES).map(|i| (255 - i) as u8).collect();
+    let got = on_all(group(3, &options()), |c| {
+        share_unique_id(&c, || {
+            assert_eq!(c.rank(), 0, "only rank 0 creates the id");
+            Ok(id.clone())
+        })
+    });
+    for (rank, g) in got.into_iter().enumerate() {
+        assert_eq!(g.expect("the id"), id, "rank {rank}");
+    }
+}
+
+/// When rank 0 cannot create the id (no NCCL, a bad id), every rank fails at once with a
+/// message that points at rank 0, instead of waiting out a timeout.
+#[test]
+fn a_failed_unique_id_fails_every_rank_at_once() {
+    use tandem_collective::share_unique_id;
+    let slow = TcpOptions {
+        io_timeout: Some(Duration::from_secs(600)),
+        ..options()
+    };
+    for make in [
+        (|| Err(CollectiveError::Nccl("libnccl missing".into())))
+            as fn() -> Result<Vec<u8>, CollectiveError>,
+        || Ok(vec![1, 2, 3]),
+    ] {
+        let started = Instant::now();
+        let got = on_all(group(3, &slow), |c| share_unique_id(&c, make));
+        // Bounds only a hang (the I/O timeout is 600 s).
+        assert!(started.elapsed() < Duration::from_secs(300));
+        let e0 = got[0].as_ref().expect_err("rank 0 fails").to_string();
+        assert!(
+            e0.contains("libnccl missing") || e0.contains("128 bytes, got 3"),
+            "{e0}"
+        );
+        for g in &got[1..] {
+            let e = g.as_ref().expect_err("every rank fails").to_string();
+            assert!(e.contains("rank 0 sent no NCCL unique id"), "{e}");
+        }
+    }
+}

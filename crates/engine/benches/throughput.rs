@@ -23,6 +23,7 @@ struct Args {
     concurrency: Vec<usize>,
     new_tokens: usize,
     prompt_tokens: usize,
+    device: tandem_model::DeviceKind,
 }
 
 fn args() -> Args {
@@ -34,6 +35,7 @@ fn args() -> Args {
         concurrency: vec![1, 4, 16, 32],
         new_tokens: 64,
         prompt_tokens: 256,
+        device: tandem_model::DeviceKind::Cpu,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -52,6 +54,7 @@ fn args() -> Args {
             }
             "--new-tokens" => a.new_tokens = it.next().unwrap().parse().unwrap(),
             "--prompt-tokens" => a.prompt_tokens = it.next().unwrap().parse().unwrap(),
+            "--device" => a.device = it.next().unwrap().parse().unwrap(),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -87,6 +90,7 @@ fn main() {
                     .dense_from_rows
                     .unwrap_or(BatchMatmul::default().dense_from_rows),
             },
+            device: a.device,
             ..Default::default()
         },
     )

@@ -61,6 +61,9 @@ pub enum ModelError {
     },
     #[error("token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { token: u32, vocab: usize },
+    /// The requested device cannot be used (no CUDA in this build, no driver, no such GPU).
+    #[error("device: {0}")]
+    Device(String),
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
     #[error("tensor-parallel collective: {0}")]

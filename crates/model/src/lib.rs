@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod kv;
 pub mod linear;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use device::DeviceKind;
 pub use error::{ModelError, Result};
 pub use kv::{KvCache, SlotId};
 pub use linear::BatchMatmul;
@@ -37,6 +39,12 @@ pub struct LoadOptions {
     /// Tensor parallelism: this process is one rank of a group and loads only its shard of each
     /// block's weights. `None`: the whole model (TP=1).
     pub shard: Option<Shard>,
+    /// Where the weights, the KV cache and the forward live (`cpu`, `cuda:N`).
+    pub device: DeviceKind,
+    /// Hugging Face folders only: block-quantize the block linears and an untied LM head at
+    /// load (e.g. `Q4K`), so an f16/bf16 checkpoint runs on the quantized kernels. Linears whose
+    /// input width is not a multiple of the block stay dense.
+    pub quantize_hf: Option<candle_core::quantized::GgmlDType>,
 }
 
 /// A model ready to serve: the network and its text side.
@@ -59,7 +67,11 @@ impl Model {
             let cfg = ModelConfig::from_hf_json(&cfg_path)?;
             check_shard(&cfg, opts)?;
             let text = TextModel::from_hf_dir(path, &cfg.eos_token_ids)?;
-            let mut w = weights::WeightSource::Hf(weights::HfWeights::open(path)?);
+            let device = opts.device.open()?;
+            let mut hf = weights::HfWeights::open(path)?;
+            hf.quantize = opts.quantize_hf;
+            let mut w = weights::WeightSource::Hf(hf);
+            w.set_device(device);
             let ctx = context(&cfg, opts);
             let transformer = Transformer::load(&mut w, cfg, ctx, opts.shard.as_ref())?;
             Ok(Self {
@@ -68,6 +80,7 @@ impl Model {
                 text,
             })
         } else if path.extension().is_some_and(|e| e == "gguf") || path.is_file() {
+            let device = opts.device.open()?;
             let mut g = weights::GgufWeights::open(path, opts.quant, opts.batch_matmul)?;
             let cfg = config_from_gguf(path, &g.content)?;
             check_shard(&cfg, opts)?;
@@ -77,6 +90,7 @@ impl Model {
             text.eos_token_ids.sort_unstable();
             text.eos_token_ids.dedup();
             let mut w = weights::WeightSource::Gguf(g);
+            w.set_device(device);
             let mut cfg = cfg;
             if w.contains("rope_freqs.weight") {
                 let f = w.tensor("rope_freqs.weight", &[cfg.head_dim / 2])?;

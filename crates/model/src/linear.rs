@@ -160,6 +160,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let y = match (&self.weight, &self.matmul, &self.dense_copy) {
+            // bf16/f16 weights (HF checkpoints on a GPU): the product runs in the weight's
+            // dtype and the activations between layers stay f32.
+            (LinearWeight::Dense(w), _, _) if w.dtype() != x.dtype() => x
+                .to_dtype(w.dtype())?
+                .matmul(&w.t()?)?
+                .to_dtype(x.dtype())?,
             (LinearWeight::Dense(w), _, _) => x.matmul(&w.t()?)?,
             (LinearWeight::Quantized(_), _, Some(w)) if rows >= self.dense_from_rows => {
                 x.matmul(&w.t()?)?
@@ -202,7 +208,7 @@ impl Linear {
 /// load. Such batches go through in groups of `AMX_FREE_ROWS`, all on the one kernel. This gives
 /// up AMX's prefill speed for batch invariance; not measured yet (no AMX machine so far).
 fn batch_kernel_switches(q: &QTensor) -> bool {
-    q.dtype() == GgmlDType::Q4K && cpu_has_amx()
+    q.dtype() == GgmlDType::Q4K && q.device().is_cpu() && cpu_has_amx()
 }
 
 const AMX_FROM_ROWS: usize = 32;
@@ -262,7 +268,7 @@ impl Embedding {
     /// `ids`: `[tokens]` u32 → `[tokens, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Embedding::Dense(w) => w.embedding(ids)?,
+            Embedding::Dense(w) => w.embedding(ids)?.to_dtype(candle_core::DType::F32)?,
             Embedding::Quantized(q) => q.embedding(ids)?,
         })
     }

@@ -38,12 +38,20 @@ pub struct SeqInput<'a> {
 pub struct BatchLogits {
     pub logits: Tensor,
     pub rows: Vec<Range<usize>>,
+    /// The group whose collectives produced these logits: on a GPU they complete asynchronously,
+    /// so whether they all succeeded is known only once the logits reach the host.
+    pub(crate) shard: Option<Shard>,
 }
 
 impl BatchLogits {
-    /// Each row as a `Vec<f32>`, grouped per sequence.
+    /// Each row as a `Vec<f32>`, grouped per sequence. Only these sampled rows leave the device.
     pub fn to_vecs(&self) -> Result<Vec<Vec<Vec<f32>>>> {
         let all = self.logits.to_vec2::<f32>()?;
+        if let Some(s) = &self.shard {
+            // An NCCL collective aborted by the watchdog (a peer died) lets the copy above
+            // return with garbage; never hand that to the sampler.
+            s.comm.check_healthy()?;
+        }
         Ok(self.rows.iter().map(|r| all[r.clone()].to_vec()).collect())
     }
 }
@@ -360,7 +368,7 @@ impl Transformer {
         max_context: usize,
         shard: Option<&Shard>,
     ) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = w.device().clone();
         let tp = Tp::new(shard);
         // Vocabulary-parallel when the vocabulary divides: each rank keeps its rows of the
         // embedding and LM head (a 150k-token table is 0.9 GB in f32, the biggest replicated
@@ -405,6 +413,11 @@ impl Transformer {
             vocab_part,
             local_kv_heads,
         })
+    }
+
+    /// Where this model's weights, KV cache and forward live.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// This rank's tensor-parallel group, if it is one.
@@ -545,7 +558,11 @@ impl Transformer {
                 all_reduce_tensor(shard.comm.as_ref(), &full)?
             }
         };
-        Ok(BatchLogits { logits, rows })
+        Ok(BatchLogits {
+            logits,
+            rows,
+            shard: self.shard.clone(),
+        })
     }
 
     /// Token embeddings; with a split vocabulary each rank looks up the ids it holds (zeros

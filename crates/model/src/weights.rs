@@ -43,6 +43,22 @@ impl WeightSource {
         }
     }
 
+    /// Where the finished weights go. Files are read, cut to this rank's slice and re-quantized
+    /// on the host; each weight is then copied to the device once.
+    pub fn device(&self) -> &Device {
+        match self {
+            WeightSource::Hf(h) => &h.device,
+            WeightSource::Gguf(g) => &g.device,
+        }
+    }
+
+    pub fn set_device(&mut self, device: Device) {
+        match self {
+            WeightSource::Hf(h) => h.device = device,
+            WeightSource::Gguf(g) => g.device = device,
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         match self {
             WeightSource::Hf(h) => h.tensors.contains_key(name),
@@ -59,7 +75,7 @@ impl WeightSource {
             WeightSource::Gguf(g) => g.qtensor(name)?.dequantize(&Device::Cpu)?,
         };
         check_shape(self.path(), name, &t, shape)?;
-        Ok(t)
+        Ok(t.to_device(self.device())?)
     }
 
     pub fn batch_matmul(&self) -> BatchMatmul {
@@ -81,13 +97,22 @@ impl WeightSource {
         let wname = format!("{name}.weight");
         let weight = match self {
             WeightSource::Hf(h) => {
-                let w = h.take(&wname)?;
+                let w = h.take_linear(&wname)?;
                 check_shape(&h.dir, &wname, &w, &[out, inp])?;
-                LinearWeight::Dense(match split {
+                let w = match split {
                     Split::Full => w,
                     Split::Column { .. } => keep_part(&w, 0, split.part(out, &wname)?)?,
                     Split::Row(_) => keep_part(&w, 1, split.part(inp, &wname)?)?,
-                })
+                };
+                match h.quantize {
+                    Some(dt) if w.dim(1)?.is_multiple_of(dt.block_size()) => {
+                        LinearWeight::Quantized(Arc::new(QTensor::quantize(
+                            &w.to_dtype(DType::F32)?,
+                            dt,
+                        )?))
+                    }
+                    _ => LinearWeight::Dense(w),
+                }
             }
             WeightSource::Gguf(g) => g.linear_weight(&wname, out, inp, split)?,
         };
@@ -103,6 +128,7 @@ impl WeightSource {
         } else {
             None
         };
+        let weight = place(weight, self.device())?;
         let linear = Linear::with_policy(weight, bias, self.batch_matmul())?;
         Ok(match split {
             Split::Row(shard) => linear.all_reduced_over(shard.clone()),
@@ -122,7 +148,9 @@ impl WeightSource {
             WeightSource::Hf(h) => {
                 let w = h.take(&format!("{name}.weight"))?;
                 check_shape(&h.dir, name, &w, &[vocab, hidden])?;
-                Ok(Embedding::Dense(keep_part(&w, 0, rows)?))
+                Ok(Embedding::Dense(
+                    keep_part(&w, 0, rows)?.to_device(&h.device)?,
+                ))
             }
             WeightSource::Gguf(g) => {
                 let q = g.qtensor(&format!("{name}.weight"))?;
@@ -150,13 +178,33 @@ impl WeightSource {
                 };
                 // Through the same conversion as the linears: with tied embeddings this weight
                 // is also the LM head, the largest matmul of a small model.
-                match g.to_linear_weight(q)? {
+                match place(g.to_linear_weight(q)?, &g.device)? {
                     LinearWeight::Dense(w) => Ok(Embedding::Dense(w)),
                     LinearWeight::Quantized(q) => Ok(Embedding::Quantized(q)),
                 }
             }
         }
     }
+}
+
+/// A weight built on the host, on `device`. Quantized weights keep their blocks: candle's CUDA
+/// kernels multiply Q4_0..Q8_0 and the K-quants directly.
+fn place(w: LinearWeight, device: &Device) -> Result<LinearWeight> {
+    if device.is_cpu() {
+        return Ok(w);
+    }
+    Ok(match w {
+        LinearWeight::Dense(t) => LinearWeight::Dense(t.to_device(device)?),
+        LinearWeight::Quantized(q) => {
+            let bytes = q.data()?;
+            LinearWeight::Quantized(Arc::new(qtensor_from_ggml(
+                q.dtype(),
+                &bytes,
+                q.shape().dims().to_vec(),
+                device,
+            )?))
+        }
+    })
 }
 
 /// `t` narrowed to `part` along `dim`, copied into its own storage so the full tensor can be freed
@@ -183,6 +231,9 @@ fn check_shape(path: &Path, name: &str, t: &Tensor, want: &[usize]) -> Result<()
 pub(crate) struct HfWeights {
     pub dir: PathBuf,
     tensors: HashMap<String, (PathBuf, Tensor)>,
+    device: Device,
+    /// Block-quantize the linears at load (`LoadOptions::quantize_hf`).
+    pub quantize: Option<GgmlDType>,
 }
 
 impl HfWeights {
@@ -237,12 +288,29 @@ impl HfWeights {
         Ok(Self {
             dir: dir.to_owned(),
             tensors,
+            device: Device::Cpu,
+            quantize: None,
         })
     }
 
     /// Removes the tensor from the source: each is read once, and dropping it as soon as the model
     /// has kept what it needs (with tensor parallelism, one slice) bounds a rank's memory.
     fn take(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self.take_raw(name)?.to_dtype(DType::F32)?)
+    }
+
+    /// A linear weight: on a GPU a bf16/f16 checkpoint stays in its dtype (half the memory, and
+    /// cuBLAS's tensor-core GEMMs; the layer casts its input, see `Linear::forward`). On the CPU
+    /// everything runs in f32.
+    fn take_linear(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.take_raw(name)?;
+        Ok(match t.dtype() {
+            DType::BF16 | DType::F16 if !self.device.is_cpu() => t,
+            _ => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    fn take_raw(&mut self, name: &str) -> Result<Tensor> {
         let (_, t) = self
             .tensors
             .remove(name)
@@ -250,7 +318,7 @@ impl HfWeights {
                 path: self.dir.clone(),
                 tensor: name.to_owned(),
             })?;
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(t)
     }
 }
 
@@ -264,6 +332,7 @@ pub(crate) struct GgufWeights {
     num_kv_heads: usize,
     mode: QuantMode,
     batch_matmul: BatchMatmul,
+    device: Device,
 }
 
 impl GgufWeights {
@@ -294,6 +363,7 @@ impl GgufWeights {
             num_kv_heads: 1,
             mode,
             batch_matmul,
+            device: Device::Cpu,
         })
     }
 

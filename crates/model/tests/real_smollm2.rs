@@ -62,6 +62,7 @@ fn smollm2_quantized_agrees_with_dequantized() {
                     keep_dense_copy: false,
                 },
                 shard: None,
+                ..Default::default()
             },
         )
         .unwrap()

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
@@ -96,6 +96,9 @@ pub struct TinyConfig {
     /// Write Llama 3.1 `rope_scaling` (factor 8, original context 64).
     pub llama3_rope_scaling: bool,
     pub seed: u64,
+    /// Rows of the embedding table and LM head: [`VOCAB_SIZE`] (the bundled tokenizer's), or
+    /// more for a real model's shape (ids past the tokenizer's are never encoded, only sampled).
+    pub vocab_size: usize,
 }
 
 impl TinyConfig {
@@ -115,6 +118,7 @@ impl TinyConfig {
             tie_word_embeddings: true,
             llama3_rope_scaling: true,
             seed: 0,
+            vocab_size: VOCAB_SIZE,
         }
     }
 
@@ -134,6 +138,40 @@ impl TinyConfig {
             tie_word_embeddings: false,
             llama3_rope_scaling: false,
             seed: 1,
+            vocab_size: VOCAB_SIZE,
+        }
+    }
+
+    /// Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads, FFN 8960, vocabulary
+    /// 151936, tied embeddings) with random weights: 1.54 B parameters, for measuring speed on
+    /// real sizes where the weights cannot be shipped (scripts/gpu-check).
+    pub fn qwen2_5_1_5b() -> Self {
+        TinyConfig {
+            hidden_size: 1536,
+            intermediate_size: 8960,
+            num_layers: 28,
+            num_heads: 12,
+            num_kv_heads: 2,
+            max_position_embeddings: 32768,
+            tie_word_embeddings: true,
+            vocab_size: 151_936,
+            ..Self::qwen2()
+        }
+    }
+
+    /// Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 KV heads, FFN 4864, vocabulary
+    /// 151936, tied embeddings): the draft of the pair.
+    pub fn qwen2_5_0_5b() -> Self {
+        TinyConfig {
+            hidden_size: 896,
+            intermediate_size: 4864,
+            num_layers: 24,
+            num_heads: 14,
+            num_kv_heads: 2,
+            max_position_embeddings: 32768,
+            tie_word_embeddings: true,
+            vocab_size: 151_936,
+            ..Self::qwen2()
         }
     }
 
@@ -172,6 +210,12 @@ impl TinyConfig {
                 self.num_kv_heads
             );
         }
+        if self.vocab_size < VOCAB_SIZE {
+            bail!(
+                "vocab_size {} is below the bundled tokenizer's {VOCAB_SIZE} ids",
+                self.vocab_size
+            );
+        }
         if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim());
         }
@@ -184,7 +228,10 @@ impl TinyConfig {
         let h = self.hidden_size;
         let kv = self.num_kv_heads * self.head_dim();
         let i = self.intermediate_size;
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![VOCAB_SIZE, h])];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -201,7 +248,7 @@ impl TinyConfig {
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![VOCAB_SIZE, h]));
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
         }
         out
     }
@@ -220,7 +267,7 @@ impl TinyConfig {
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "vocab_size": VOCAB_SIZE,
+            "vocab_size": self.vocab_size,
             "bos_token_id": BOS_TOKEN_ID,
             "eos_token_id": EOS_TOKEN_ID,
             "torch_dtype": "float32",
@@ -286,22 +333,61 @@ impl TinyConfig {
 
     /// All weights, as F32 CPU tensors keyed by Hugging Face name.
     pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        self.weights_as(DType::F32)
+    }
+
+    /// All weights in `dtype` (F32, BF16 or F16). Tensors are drawn on all cores, each from its
+    /// own RNG, so the result does not depend on the thread count; a real-size shape (1.5 B
+    /// parameters) takes seconds, not minutes.
+    pub fn weights_as(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
         self.validate()?;
+        let shapes = self.tensor_shapes();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parts: Vec<Result<Vec<(String, Tensor)>>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.min(shapes.len()).max(1))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((name, shape)) = shapes.get(i) else {
+                                return Ok(mine);
+                            };
+                            let t = self
+                                .draw(name, shape)
+                                .and_then(|t| Ok(t.to_dtype(dtype)?))
+                                .with_context(|| format!("building tensor {name}"))?;
+                            mine.push((name.clone(), t));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("weight thread panicked")))
+                })
+                .collect()
+        });
         let mut out = HashMap::new();
-        for (name, shape) in self.tensor_shapes() {
-            let n: usize = shape.iter().product();
-            let mut rng = StdRng::seed_from_u64(tensor_seed(self.seed, &name));
-            let data: Vec<f32> = match self.init_std(&name, &shape) {
-                Some(std) => (0..n).map(|_| (normal(&mut rng) * std) as f32).collect(),
-                None => (0..n)
-                    .map(|_| (1.0 + normal(&mut rng) * NORM_NOISE_STD) as f32)
-                    .collect(),
-            };
-            let t = Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)
-                .with_context(|| format!("building tensor {name}"))?;
-            out.insert(name, t);
+        for part in parts {
+            out.extend(part?);
         }
         Ok(out)
+    }
+
+    fn draw(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let mut rng = StdRng::seed_from_u64(tensor_seed(self.seed, name));
+        let data: Vec<f32> = match self.init_std(name, shape) {
+            Some(std) => (0..n).map(|_| (normal(&mut rng) * std) as f32).collect(),
+            None => (0..n)
+                .map(|_| (1.0 + normal(&mut rng) * NORM_NOISE_STD) as f32)
+                .collect(),
+        };
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }
 }
 
@@ -319,7 +405,7 @@ fn generation_config_json() -> String {
 pub struct TinyModel {
     /// The Hugging Face model folder.
     pub dir: PathBuf,
-    /// `vocab_size` in `config.json` (= [`VOCAB_SIZE`]).
+    /// `vocab_size` in `config.json` (the config's; [`VOCAB_SIZE`] unless it asks for more).
     pub vocab_size: usize,
     /// The config it was made from.
     pub config: TinyConfig,
@@ -346,6 +432,11 @@ impl TinyModel {
 /// Writes the model folder for `cfg` into `dir` (created if missing; existing files of the same
 /// names are overwritten).
 pub fn write_tiny_model(cfg: &TinyConfig, dir: &Path) -> Result<()> {
+    write_model(cfg, dir, DType::F32)
+}
+
+/// [`write_tiny_model`] with the weights stored in `dtype` (BF16 as real checkpoints are).
+pub fn write_model(cfg: &TinyConfig, dir: &Path, dtype: DType) -> Result<()> {
     cfg.validate()?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, text: String| -> Result<()> {
@@ -359,7 +450,7 @@ pub fn write_tiny_model(cfg: &TinyConfig, dir: &Path) -> Result<()> {
         "tokenizer_config.json",
         tokenizer::tokenizer_config_json(cfg.max_position_embeddings),
     )?;
-    let weights = cfg.weights()?;
+    let weights = cfg.weights_as(dtype)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&weights, &path)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -375,7 +466,7 @@ pub fn tiny_model(cfg: &TinyConfig) -> Result<TinyModel> {
     write_tiny_model(cfg, tmp.path())?;
     Ok(TinyModel {
         dir: tmp.path().to_path_buf(),
-        vocab_size: VOCAB_SIZE,
+        vocab_size: cfg.vocab_size,
         config: cfg.clone(),
         _tmp: Some(tmp),
     })
@@ -386,7 +477,7 @@ pub fn tiny_model_in(cfg: &TinyConfig, dir: &Path) -> Result<TinyModel> {
     write_tiny_model(cfg, dir)?;
     Ok(TinyModel {
         dir: dir.to_path_buf(),
-        vocab_size: VOCAB_SIZE,
+        vocab_size: cfg.vocab_size,
         config: cfg.clone(),
         _tmp: None,
     })

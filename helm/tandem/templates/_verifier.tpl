@@ -67,6 +67,10 @@ containers:
       - --model={{ $.Values.model.mountPath }}/{{ $.Values.model.target.file }}
       - --model-name={{ $.Values.model.target.name }}
       - --quant={{ $v.quant }}
+      {{- if gt (int $v.gpus) 0 }}
+      {{- /* The pod sees only its own GPUs: rank r uses the first (NCCL carries activations). */}}
+      - --device=cuda:0
+      {{- end }}
       {{- if gt (int $v.maxContext) 0 }}
       - --max-context={{ $v.maxContext }}
       {{- end }}

@@ -76,6 +76,8 @@ pub struct DraftConfig {
     pub drain_grace: Duration,
     /// Register in etcd once loaded (`drafts/<model>/<id>`), deregister before draining.
     pub discovery: Option<DraftDiscovery>,
+    /// Where the draft model runs (`cuda`: GPU 0; the target's GPU or another).
+    pub device: tandem_model::DeviceKind,
 }
 
 /// Where and as what the draft registers.
@@ -102,6 +104,7 @@ impl DraftConfig {
             max_concurrent_streams: 1024,
             drain_grace: Duration::from_secs(30),
             discovery: None,
+            device: tandem_model::DeviceKind::Cpu,
         }
     }
 
@@ -216,6 +219,7 @@ fn load(cfg: &DraftConfig, metrics: DraftMetrics) -> anyhow::Result<Loaded> {
     let opts = LoadOptions {
         quant: cfg.quant,
         max_context: cfg.max_context,
+        device: cfg.device.for_rank(0)?,
         ..Default::default()
     };
     let model = Model::load(&cfg.model, &opts)

@@ -36,6 +36,9 @@ pub enum Bench {
     Speculation(crate::bench_spec::SpecArgs),
     /// Routing policies on prompts that share prefixes: throughput and time to first token.
     Routing(crate::bench_routing::RoutingArgs),
+    /// The model on one device: logits against a reference device, prefill and decode speed,
+    /// verification cost, tensor parallelism on the device (scripts/gpu-check).
+    Device(crate::bench_device::DeviceArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +69,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Bench::RouterOverhead(a) => router_overhead(a).await,
         Bench::Speculation(a) => crate::bench_spec::run(a).await,
         Bench::Routing(a) => crate::bench_routing::run(a).await,
+        Bench::Device(_) => anyhow::bail!("bench device runs outside the async runtime (main.rs)"),
     }
 }
 

@@ -22,7 +22,7 @@ use tandem_model::{ChatMessage, LoadOptions, Model};
 use tandem_worker::{DraftClientConfig, DraftClientStats, RemoteDrafter};
 
 use crate::children::{self, Children};
-use crate::config::{model_cache, Quant};
+use crate::config::{model_cache, DeviceArg, Quant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -109,6 +109,9 @@ pub struct SpecArgs {
     pub prompts: usize,
     #[arg(long, value_enum)]
     pub quant: Option<Quant>,
+    /// Where the target and the draft service run: cpu, cuda or cuda:N [default: cpu].
+    #[arg(long)]
+    pub device: Option<DeviceArg>,
 }
 
 const CODE_PROMPTS: [&str; 3] = [
@@ -287,13 +290,16 @@ pub async fn run(args: SpecArgs) -> anyhow::Result<()> {
     let result = async {
         let draft_url = if needs_draft {
             let addr = children::free_port()?;
-            let a = vec![
+            let mut a = vec![
                 "draft".to_owned(),
                 "--model".to_owned(),
                 draft.display().to_string(),
                 "--listen".to_owned(),
                 addr.to_string(),
             ];
+            if let Some(d) = args.device {
+                a.extend(["--device".to_owned(), d.to_string()]);
+            }
             children.spawn("draft", &a)?;
             eprintln!(
                 "bench: starting the draft service ({}) ...",
@@ -318,6 +324,7 @@ async fn measure(
 ) -> anyhow::Result<()> {
     let opts = LoadOptions {
         quant: args.quant.map(Into::into).unwrap_or_default(),
+        device: args.device.map(|d| d.0).unwrap_or_default(),
         ..Default::default()
     };
     // Two engines: adaptive draft lengths and fixed ones (an engine-wide setting); each pairs

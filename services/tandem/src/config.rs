@@ -110,6 +110,53 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// `cpu`, `cuda` or `cuda:N`, as a flag and in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceArg(pub tandem_model::DeviceKind);
+
+impl FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(DeviceArg)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How a GPU group's ranks sum activations (`--collective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveArg {
+    /// NCCL when the ranks are on GPUs and the binary has it, else TCP.
+    Auto,
+    /// TCP through the host (also ranks that share one GPU, which NCCL refuses).
+    Tcp,
+    /// NCCL on device tensors (GPU binary, one GPU per rank).
+    Nccl,
+}
+
+impl From<CollectiveArg> for tandem_worker::CollectiveBackend {
+    fn from(c: CollectiveArg) -> Self {
+        match c {
+            CollectiveArg::Auto => Self::Auto,
+            CollectiveArg::Tcp => Self::Tcp,
+            CollectiveArg::Nccl => Self::Nccl,
+        }
+    }
+}
+
 /// `quantized` or `dequantized`, as a flag and in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,6 +11,7 @@
 //! TOML file given by `--config` / `TANDEM_CONFIG` (see `config.rs`), then defaults.
 
 mod bench;
+mod bench_device;
 mod bench_routing;
 mod bench_spec;
 mod children;
@@ -27,7 +28,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{layer, DraftCatchUp, DraftLength, Dur, FileConfig, Quant, SpeculationArg};
+use crate::config::{
+    layer, CollectiveArg, DeviceArg, DraftCatchUp, DraftLength, Dur, FileConfig, Quant,
+    SpeculationArg,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +72,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// Write a random-weight model of a real shape (for `bench device` where real weights
+    /// cannot be fetched, e.g. scripts/gpu-check).
+    MakeModel(bench_device::MakeModelArgs),
 }
 
 /// `tandem worker` flags; also the `[worker]` section of the config file.
@@ -89,6 +96,13 @@ pub struct WorkerArgs {
     /// How to run a GGUF file's weights [default: quantized].
     #[arg(long, value_enum, env = "TANDEM_WORKER_QUANT")]
     pub quant: Option<Quant>,
+    /// Where the model runs: cpu, cuda or cuda:N [default: cpu]. In a group, `cuda` puts rank r
+    /// on GPU r % GPUs (one GPU per pod: GPU 0). Needs the GPU binary (scripts/build-cuda).
+    #[arg(long, env = "TANDEM_WORKER_DEVICE")]
+    pub device: Option<DeviceArg>,
+    /// How a GPU group's ranks sum activations [default: auto = NCCL on GPUs].
+    #[arg(long, value_enum, env = "TANDEM_WORKER_COLLECTIVE")]
+    pub collective: Option<CollectiveArg>,
     /// Cap the context length below the model's own [default: the model's].
     #[arg(long, env = "TANDEM_WORKER_MAX_CONTEXT")]
     pub max_context: Option<usize>,
@@ -191,6 +205,8 @@ impl WorkerArgs {
                 metrics_listen,
                 model_name,
                 quant,
+                device,
+                collective,
                 max_context,
                 max_batch_tokens,
                 max_running,
@@ -295,6 +311,12 @@ impl WorkerArgs {
         }
         if let Some(q) = self.quant {
             cfg.quant = q.into();
+        }
+        if let Some(d) = self.device {
+            cfg.device = d.0;
+        }
+        if let Some(c) = self.collective {
+            cfg.collective = c.into();
         }
         if let Some(c) = self.max_context {
             cfg.max_context = Some(c);
@@ -505,6 +527,10 @@ pub struct DraftArgs {
     /// How to run a GGUF file's weights [default: quantized].
     #[arg(long, value_enum, env = "TANDEM_DRAFT_QUANT")]
     pub quant: Option<Quant>,
+    /// Where the draft model runs: cpu, cuda or cuda:N [default: cpu]; the target's GPU or
+    /// another. Needs the GPU binary (scripts/build-cuda).
+    #[arg(long, env = "TANDEM_DRAFT_DEVICE")]
+    pub device: Option<DeviceArg>,
     /// Cap the context length below the model's own [default: the model's].
     #[arg(long, env = "TANDEM_DRAFT_MAX_CONTEXT")]
     pub max_context: Option<usize>,
@@ -552,6 +578,7 @@ impl DraftArgs {
                 metrics_listen,
                 model_name,
                 quant,
+                device,
                 max_context,
                 max_sequences,
                 idle_ttl,
@@ -586,6 +613,9 @@ impl DraftArgs {
         cfg.model_name = self.model_name;
         if let Some(q) = self.quant {
             cfg.quant = q.into();
+        }
+        if let Some(d) = self.device {
+            cfg.device = d.0;
         }
         cfg.max_context = self.max_context;
         if let Some(v) = self.max_sequences {
@@ -632,6 +662,10 @@ pub struct UpArgs {
     /// Passed to each worker.
     #[arg(long, value_enum, env = "TANDEM_UP_QUANT")]
     pub quant: Option<Quant>,
+    /// Where workers and the draft run: cpu, cuda or cuda:N [default: cpu]. With `cuda`, rank r
+    /// of every group takes GPU r % GPUs and the draft GPU 0; activations go over NCCL.
+    #[arg(long, env = "TANDEM_UP_DEVICE")]
+    pub device: Option<DeviceArg>,
     /// Passed to each worker.
     #[arg(long, env = "TANDEM_UP_MAX_CONTEXT")]
     pub max_context: Option<usize>,
@@ -682,6 +716,7 @@ impl UpArgs {
                 listen,
                 metrics_listen,
                 quant,
+                device,
                 max_context,
                 max_batch_tokens,
                 max_running,
@@ -753,10 +788,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(up::run(args, json))
         }
         Command::Generate(args) => rt.block_on(generate::run(args)),
+        // Runs the engine's blocking calls: outside the async runtime.
+        Command::Bench(bench::BenchArgs {
+            which: bench::Bench::Device(args),
+        }) => bench_device::run(args).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => {
             tandem_runtime::init_tracing(json);
             rt.block_on(bench::run(args)).map(|()| ExitCode::SUCCESS)
         }
+        Command::MakeModel(args) => bench_device::make_model(args).map(|()| ExitCode::SUCCESS),
     };
     // Don't wait for stray blocking tasks (a stdin reader, a follower loop) once the server has
     // stopped, on success or failure: dropping the runtime would wait for them forever.

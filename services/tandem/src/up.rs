@@ -78,6 +78,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
         let per_rank = (cores / (n * tp)).max(1);
         children.env("RAYON_NUM_THREADS", &per_rank.to_string());
     }
+    let gpus = GpuPlan::new(args.device.map(|d| d.0), n, tp)?;
     let mut worker_urls = Vec::new();
     let mut metrics = Vec::new();
     let draft_url = match &draft {
@@ -94,6 +95,7 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
                 metrics_addr.to_string(),
             ];
             push_opt(&mut a, "--max-context", args.max_context);
+            push_opt(&mut a, "--device", gpus.draft());
             if log_json {
                 a.push("--log-json".to_owned());
             }
@@ -153,6 +155,11 @@ pub async fn run(args: UpArgs, log_json: bool) -> anyhow::Result<ExitCode> {
                 ]);
             }
             push_opt(&mut a, "--quant", args.quant.map(quant_name));
+            push_opt(&mut a, "--device", gpus.worker(i, rank));
+            if tp > 1 && gpus.shared_by_ranks() {
+                // NCCL refuses two ranks on one GPU: such a group sums over TCP.
+                a.extend(["--collective".to_owned(), "tcp".to_owned()]);
+            }
             push_opt(&mut a, "--max-context", args.max_context);
             push_opt(&mut a, "--max-batch-tokens", args.max_batch_tokens);
             push_opt(&mut a, "--max-running", args.max_running);
@@ -442,4 +449,67 @@ fn fetch_script() -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// Which GPU each process of `up` gets. `cuda` spreads ranks over the machine's GPUs (group i,
+/// rank r: GPU (i * tp + r) % GPUs) and puts the draft on the next one; `cuda:N` puts everything
+/// on GPU N; `cpu` (or nothing) passes nothing.
+struct GpuPlan {
+    device: Option<tandem_model::DeviceKind>,
+    gpus: usize,
+    tp: usize,
+    processes: usize,
+}
+
+impl GpuPlan {
+    fn new(
+        device: Option<tandem_model::DeviceKind>,
+        groups: usize,
+        tp: usize,
+    ) -> anyhow::Result<Self> {
+        let gpus = match device {
+            Some(tandem_model::DeviceKind::Cuda(None)) => {
+                tandem_model::device::cuda_device_count()?
+            }
+            Some(d @ tandem_model::DeviceKind::Cuda(Some(_))) => {
+                // Fails here, not in every child, on a build or machine without it.
+                d.open()?;
+                1
+            }
+            _ => 0,
+        };
+        Ok(Self {
+            device,
+            gpus,
+            tp,
+            processes: groups * tp,
+        })
+    }
+
+    fn worker(&self, group: usize, rank: usize) -> Option<tandem_model::DeviceKind> {
+        match self.device? {
+            tandem_model::DeviceKind::Cuda(None) => Some(tandem_model::DeviceKind::Cuda(Some(
+                (group * self.tp + rank) % self.gpus.max(1),
+            ))),
+            d => Some(d),
+        }
+    }
+
+    fn draft(&self) -> Option<tandem_model::DeviceKind> {
+        match self.device? {
+            tandem_model::DeviceKind::Cuda(None) => Some(tandem_model::DeviceKind::Cuda(Some(
+                self.processes % self.gpus.max(1),
+            ))),
+            d => Some(d),
+        }
+    }
+
+    /// Whether two ranks of one group land on the same GPU.
+    fn shared_by_ranks(&self) -> bool {
+        match self.device {
+            Some(tandem_model::DeviceKind::Cuda(None)) => self.gpus < self.tp,
+            Some(tandem_model::DeviceKind::Cuda(Some(_))) => true,
+            _ => false,
+        }
+    }
 }

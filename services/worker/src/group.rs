@@ -92,11 +92,83 @@ pub(crate) struct Joined {
     pub rendezvous: Option<tandem_discovery::Rendezvous>,
 }
 
-/// This rank's collective listener and every rank's address: from `peers`, or through etcd.
-/// Runs on a blocking thread of the runtime (etcd calls go through its handle).
+/// Whether the group's activations go over NCCL (GPU ranks, a binary with NCCL) or TCP.
+fn uses_nccl(cfg: &WorkerConfig) -> anyhow::Result<bool> {
+    use crate::CollectiveBackend::*;
+    match (cfg.collective, cfg.device.is_cuda()) {
+        (Tcp, _) | (Auto, false) => Ok(false),
+        (Nccl, false) => anyhow::bail!("--collective nccl needs the ranks on GPUs (--device cuda)"),
+        (_, true) if cfg!(feature = "nccl") => Ok(true),
+        (Nccl, true) => anyhow::bail!(
+            "--collective nccl: this binary was built without NCCL (scripts/build-cuda builds              one with it)"
+        ),
+        (Auto, true) => {
+            tracing::warn!(
+                "this binary has no NCCL: the group's activations go over TCP through the host"
+            );
+            Ok(false)
+        }
+    }
+}
+
+/// NCCL's own unique id, created by rank 0 (needs libnccl: the GPU binary only).
+fn new_nccl_id() -> anyhow::Result<Vec<u8>> {
+    #[cfg(feature = "nccl")]
+    {
+        Ok(tandem_collective::new_unique_id()?)
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        anyhow::bail!("this binary was built without NCCL")
+    }
+}
+
+/// A collective on a GPU must not be declared dead while the slowest rank still compiles the
+/// model's kernels (the first forward JIT-compiles candle's PTX: seconds).
+#[cfg(feature = "nccl")]
+const NCCL_MIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The GPU group's communicator: NCCL for device tensors, `control` (TCP) for the rest.
+#[cfg(feature = "nccl")]
+fn nccl_group(
+    control: Arc<dyn Communicator>,
+    g: &GroupConfig,
+    id: &[u8],
+    device: tandem_model::DeviceKind,
+) -> anyhow::Result<Arc<dyn Communicator>> {
+    let dev = device.open()?;
+    tracing::info!(rank = g.rank, %device, nccl = ?tandem_collective::nccl_version().ok(),
+        "joining the group's NCCL communicator");
+    let nccl = tandem_collective::NcclCommunicator::new(
+        g.rank,
+        g.world_size,
+        id,
+        &dev,
+        g.io_timeout.max(NCCL_MIN_TIMEOUT),
+    )
+    .with_context(|| format!("joining NCCL as rank {} on {device}", g.rank))?;
+    Ok(Arc::new(tandem_collective::DeviceGroupCommunicator::new(
+        control, nccl,
+    )))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_group(
+    _control: Arc<dyn Communicator>,
+    _g: &GroupConfig,
+    _id: &[u8],
+    _device: tandem_model::DeviceKind,
+) -> anyhow::Result<Arc<dyn Communicator>> {
+    anyhow::bail!("this binary was built without NCCL")
+}
+
+/// This rank's collective listener and every rank's address: from `peers`, or through etcd
+/// (where rank 0 also publishes `nccl_id`). Runs on a blocking thread of the runtime (etcd calls
+/// go through its handle).
 fn meet(
     cfg: &WorkerConfig,
     g: &GroupConfig,
+    nccl_id: Option<&[u8]>,
 ) -> anyhow::Result<(
     std::net::TcpListener,
     Vec<SocketAddr>,
@@ -126,7 +198,7 @@ fn meet(
         rank: g.rank as u32,
         world_size: g.world_size as u32,
         address: format!("{host}:{port}"),
-        nccl_unique_id: None,
+        nccl_unique_id: nccl_id.map(tandem_collective::encode_unique_id),
     };
     tracing::info!(group = %group, rank = g.rank, address = %me.address,
         "meeting the other ranks through etcd");
@@ -152,7 +224,13 @@ fn meet(
 /// Connects to the group, loads this rank's shard, and waits for every rank to have loaded.
 pub(crate) fn join_group(cfg: &WorkerConfig, g: &GroupConfig) -> anyhow::Result<Joined> {
     g.validate()?;
-    let (listener, peers, rendezvous) = meet(cfg, g)?;
+    let nccl = uses_nccl(cfg)?;
+    // Through etcd, rank 0's record carries the id; with static peers it goes over TCP below.
+    let published_id = match nccl && g.rank == 0 && g.etcd_rendezvous {
+        true => Some(new_nccl_id().context("creating the NCCL unique id")?),
+        false => None,
+    };
+    let (listener, peers, rendezvous) = meet(cfg, g, published_id.as_deref())?;
     tracing::info!(
         rank = g.rank,
         world_size = g.world_size,
@@ -168,11 +246,29 @@ pub(crate) fn join_group(cfg: &WorkerConfig, g: &GroupConfig) -> anyhow::Result<
         TcpCommunicator::with_listener(g.rank, g.world_size, listener, &peers, &opts)
             .context("connecting to the tensor-parallel group")?,
     );
-    let comm: Arc<dyn Communicator> = tcp.clone();
+    let device = cfg.device.for_rank(g.rank)?;
+    let comm: Arc<dyn Communicator> = if nccl {
+        let id = match (&rendezvous, published_id) {
+            (_, Some(id)) => id,
+            (Some(rv), None) => tandem_collective::decode_unique_id(
+                rv.nccl_unique_id()
+                    .context("rank 0's rendezvous record has no NCCL unique id")?,
+            )?,
+            (None, None) => tandem_collective::share_unique_id(tcp.as_ref(), || {
+                new_nccl_id()
+                    .map_err(|e| tandem_collective::CollectiveError::Nccl(format!("{e:#}")))
+            })
+            .context("sharing the NCCL unique id over the group's TCP channel")?,
+        };
+        nccl_group(tcp.clone(), g, &id, device)?
+    } else {
+        tcp.clone()
+    };
     let load = LoadOptions {
         quant: cfg.quant,
         max_context: cfg.max_context,
         shard: Some(Shard::new(comm.clone())),
+        device,
         ..Default::default()
     };
     let model = Model::load(&cfg.model, &load).with_context(|| {

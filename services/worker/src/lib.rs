@@ -83,6 +83,23 @@ pub struct WorkerConfig {
     pub draft: Option<DraftClientConfig>,
     /// Register the group in etcd (leaders only); `None`: routers find it by a static list.
     pub discovery: Option<WorkerDiscovery>,
+    /// Where the model runs. `cuda` without an index: rank r of a group takes GPU
+    /// `r % GPUs` (one GPU per pod in Kubernetes: GPU 0).
+    pub device: tandem_model::DeviceKind,
+    /// How a GPU group's ranks sum activations (ignored on the CPU and at TP=1).
+    pub collective: CollectiveBackend,
+}
+
+/// The tensor-parallel activations' transport. The step plans always go over TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CollectiveBackend {
+    /// NCCL when the ranks run on GPUs and the binary has it, else TCP.
+    #[default]
+    Auto,
+    /// Over TCP through the host (CPU ranks; several ranks sharing one GPU, which NCCL refuses).
+    Tcp,
+    /// NCCL on device tensors (a build with the `nccl` feature, ranks on distinct GPUs).
+    Nccl,
 }
 
 /// Where and as what a group leader registers: `/tandem/v1/<cluster>/groups/<model>/<group>`.
@@ -113,6 +130,8 @@ impl WorkerConfig {
             group: None,
             draft: None,
             discovery: None,
+            device: tandem_model::DeviceKind::Cpu,
+            collective: CollectiveBackend::Auto,
         }
     }
 
@@ -260,6 +279,7 @@ fn load_blocking(cfg: &WorkerConfig) -> anyhow::Result<Loaded> {
     let opts = LoadOptions {
         quant: cfg.quant,
         max_context: cfg.max_context,
+        device: cfg.device.for_rank(0)?,
         ..Default::default()
     };
     let (model, comm, tp_size, rendezvous) = match cfg.group.as_ref().filter(|g| g.world_size > 1) {
