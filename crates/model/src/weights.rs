@@ -146,7 +146,9 @@ impl WeightSource {
     ) -> Result<Embedding> {
         match self {
             WeightSource::Hf(h) => {
-                let w = h.take(&format!("{name}.weight"))?;
+                // Like a linear: bf16 stays bf16 on a GPU (tied, it is also the LM head, the
+                // largest matmul of a small model); lookups are cast to f32.
+                let w = h.take_linear(&format!("{name}.weight"))?;
                 check_shape(&h.dir, name, &w, &[vocab, hidden])?;
                 Ok(Embedding::Dense(
                     keep_part(&w, 0, rows)?.to_device(&h.device)?,
