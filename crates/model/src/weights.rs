@@ -106,10 +106,7 @@ impl WeightSource {
                 };
                 match h.quantize {
                     Some(dt) if w.dim(1)?.is_multiple_of(dt.block_size()) => {
-                        LinearWeight::Quantized(Arc::new(QTensor::quantize(
-                            &w.to_dtype(DType::F32)?,
-                            dt,
-                        )?))
+                        LinearWeight::Quantized(Arc::new(quantize_rows(&w, dt)?))
                     }
                     _ => LinearWeight::Dense(w),
                 }
@@ -207,6 +204,48 @@ fn place(w: LinearWeight, device: &Device) -> Result<LinearWeight> {
             )?))
         }
     })
+}
+
+/// `QTensor::quantize` of a `[rows, cols]` weight on every core. candle quantizes on one thread
+/// (K-quants search scales per block: a 1.5B model took minutes); rows are quantized
+/// independently, so chunks of rows quantized apart and concatenated are the same bytes.
+fn quantize_rows(w: &Tensor, dt: GgmlDType) -> Result<QTensor> {
+    let w = w.to_dtype(DType::F32)?;
+    let (rows, cols) = w.dims2()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = rows.div_ceil(threads.max(1)).max(1);
+    let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..rows)
+            .step_by(chunk)
+            .map(|start| {
+                let part = w.narrow(0, start, chunk.min(rows - start));
+                s.spawn(move || -> Result<Vec<u8>> {
+                    // A row range is a contiguous view with an offset, which `quantize` would read from the
+                    // start of the storage: copy it out.
+                    let q = QTensor::quantize(&part?.force_contiguous()?, dt)?;
+                    Ok(q.data()?.into_owned())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ModelError::Config("a quantization thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut bytes = Vec::new();
+    for p in parts {
+        bytes.extend_from_slice(&p?);
+    }
+    Ok(qtensor_from_ggml(
+        dt,
+        &bytes,
+        vec![rows, cols],
+        &Device::Cpu,
+    )?)
 }
 
 /// `t` narrowed to `part` along `dim`, copied into its own storage so the full tensor can be freed
@@ -614,6 +653,24 @@ fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    /// Quantizing row chunks on several threads gives candle's single-threaded bytes.
+    #[test]
+    fn parallel_quantization_gives_the_same_blocks() {
+        use super::{quantize_rows, GgmlDType, QTensor};
+        let (rows, cols) = (67, 512);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 97) as f32))
+            .collect();
+        let w =
+            candle_core::Tensor::from_vec(data, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        for dt in [GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q6K] {
+            let one = QTensor::quantize(&w, dt).unwrap();
+            let many = quantize_rows(&w, dt).unwrap();
+            assert_eq!(one.data().unwrap(), many.data().unwrap(), "{dt:?}");
+            assert_eq!(many.shape().dims(), [rows, cols]);
+        }
+    }
 
     use candle_core::quantized::gguf_file;
     use tandem_collective::{CollectiveError, Communicator};
