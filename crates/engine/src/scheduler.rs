@@ -490,6 +490,9 @@ impl Scheduler {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 } else if let Some(i) = self.running.iter().position(|r| r.id == id) {
                     let r = self.running.swap_remove(i);
+                    // The drafter's state too (a draft service's KV), at once, as for a
+                    // finished sequence: not after the draft's idle eviction.
+                    self.release_drafts(r.id, r.drafter);
                     self.free_slot(r.slot);
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 }

@@ -415,3 +415,81 @@ fn speculative_greedy_equals_plain_greedy() {
         assert!(e.stats().steps.load(std::sync::atomic::Ordering::Relaxed) < 6 * 48);
     }
 }
+
+/// A drafter that proposes nothing and records which sequences were released.
+struct RecordingDrafter(std::sync::Arc<std::sync::Mutex<Vec<u64>>>);
+
+impl tandem_engine::draft::Drafter for RecordingDrafter {
+    fn propose(
+        &mut self,
+        reqs: &[tandem_engine::draft::DraftRequest<'_>],
+    ) -> Vec<tandem_engine::draft::Draft> {
+        vec![Default::default(); reqs.len()]
+    }
+    fn feedback(&mut self, _seq: u64, _proposed: usize, _accepted: usize) {}
+    fn release(&mut self, seq: u64) {
+        self.0.lock().unwrap().push(seq);
+    }
+}
+
+/// A cancelled sequence's drafter state (a draft service's KV) is released at once, as a
+/// finished one's is, not left to the draft's idle eviction (issue 15, probe item 4).
+#[test]
+fn cancelling_releases_the_drafters_state_at_once() {
+    let tiny = tiny_model(&TinyConfig::llama()).unwrap();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let e = Engine::start_with(
+        Model::load(&tiny.dir, &LoadOptions::default()).unwrap(),
+        EngineConfig::default(),
+        tandem_engine::EngineParts {
+            draft_model: Some(Box::new(RecordingDrafter(released.clone()))),
+            ..Default::default()
+        },
+    );
+    let spec = Speculation {
+        mode: SpecMode::DraftModel,
+        ..Speculation::default()
+    };
+    // One that finishes and one cancelled mid-stream.
+    let done = e
+        .submit(Request {
+            speculation: spec,
+            ..greedy(prompts()[0].clone(), 4)
+        })
+        .unwrap();
+    let done_id = done.id;
+    done.collect_blocking().unwrap();
+    // Cancelled at many points of their streams: some cancels reach the engine between steps
+    // (its command path), some within one (its closed-stream check); both must release.
+    let mut gens: Vec<_> = (0..24)
+        .map(|i| {
+            e.submit(Request {
+                ignore_eos: true,
+                speculation: spec,
+                ..greedy(prompts()[i % 8].clone(), 400)
+            })
+            .unwrap()
+        })
+        .collect();
+    let ids: Vec<u64> = gens.iter().map(|g| g.id).collect();
+    for (i, mut g) in gens.drain(..).enumerate() {
+        for _ in 0..(1 + i % 3) {
+            assert!(matches!(g.events.blocking_recv(), Some(Event::Token(_))));
+        }
+        std::thread::sleep(Duration::from_micros(300 * (i as u64 % 4)));
+        drop(g);
+    }
+    // Bounds only a hang: each release comes with the engine's next command or step.
+    let start = std::time::Instant::now();
+    while !ids.iter().all(|id| released.lock().unwrap().contains(id)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "never released: {:?}",
+            ids.iter()
+                .filter(|id| !released.lock().unwrap().contains(id))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(released.lock().unwrap().contains(&done_id));
+}
