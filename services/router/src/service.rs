@@ -88,6 +88,23 @@ struct Tracker {
     started: Instant,
     last_token: Option<Instant>,
     code: Option<Code>,
+    /// The request's deadline: a stream the client drops once it has passed ended by the
+    /// deadline, not by a cancel (clients reset the stream when their timer fires).
+    deadline: Option<Instant>,
+}
+
+/// A client's own timer fires at its deadline, which the server knows only from the
+/// `grpc-timeout` it was sent (and measures from a little later): a stream dropped this close to
+/// the deadline counts as DEADLINE_EXCEEDED.
+pub(crate) const DEADLINE_SLACK: Duration = Duration::from_millis(50);
+
+/// The code of a request whose client went away: DEADLINE_EXCEEDED when its deadline has (all
+/// but) passed, CANCELLED otherwise.
+pub(crate) fn dropped_code(deadline: Option<Instant>) -> Code {
+    match deadline {
+        Some(d) if Instant::now() + DEADLINE_SLACK >= d => Code::DeadlineExceeded,
+        _ => Code::Cancelled,
+    }
 }
 
 impl Tracker {
@@ -105,6 +122,7 @@ impl Tracker {
             started,
             last_token: None,
             code: None,
+            deadline: None,
         })
     }
 
@@ -138,7 +156,7 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        let code = self.code.unwrap_or(Code::Cancelled);
+        let code = self.code.unwrap_or_else(|| dropped_code(self.deadline));
         self.metrics.request_done(self.method, code);
         if code == Code::Ok {
             self.metrics
@@ -630,7 +648,8 @@ impl Generation for GenerationService {
     ) -> Result<Response<GenerateResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline(&request, started, &self.shared.cfg);
-        let tracker = Tracker::new(&self.shared, "Generate", started)?;
+        let mut tracker = Tracker::new(&self.shared, "Generate", started)?;
+        tracker.deadline = deadline;
         let (model, _, mut stream) = self
             .shared
             .generate(request.into_inner(), deadline, tracker)
@@ -663,7 +682,8 @@ impl Generation for GenerationService {
     ) -> Result<Response<ChunkStream>, Status> {
         let started = Instant::now();
         let deadline = deadline(&request, started, &self.shared.cfg);
-        let tracker = Tracker::new(&self.shared, "GenerateStream", started)?;
+        let mut tracker = Tracker::new(&self.shared, "GenerateStream", started)?;
+        tracker.deadline = deadline;
         let (_, leader, stream) = self
             .shared
             .generate(request.into_inner(), deadline, tracker)

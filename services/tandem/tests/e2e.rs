@@ -895,6 +895,30 @@ async fn dropped_stream_frees_the_sequence_and_deadlines_hold() {
         "{m}"
     );
     assert!((1.0..=3.0).contains(&cancelled), "{cancelled} cancelled");
+
+    // Requests ended by the client's deadline count as DEADLINE_EXCEEDED, also when the
+    // client's own timer reset the stream first; the one CANCELLED is the dropped stream.
+    let rm = cluster.metrics().await;
+    let count = |method: &str, code: &str| {
+        metric_sample(
+            &rm,
+            "tandem_router_requests_total",
+            &format!("method=\"{method}\",code=\"{code}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(count("GenerateStream", "cancelled"), 1.0, "{rm}");
+    assert_eq!(count("Generate", "cancelled"), 0.0, "{rm}");
+    assert_eq!(
+        count("Generate", "deadline_exceeded") + count("GenerateStream", "deadline_exceeded"),
+        2.0,
+        "{rm}"
+    );
+    assert_eq!(
+        metric_sample(&m, "tandem_worker_requests_total", "code=\"CANCELLED\""),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
