@@ -166,6 +166,13 @@ pub enum EngineError {
     },
     #[error("queue full: {limit} requests already waiting; retry later or on another replica")]
     QueueFull { limit: usize },
+    #[error(
+        "waited {waited_ms} ms in the queue without starting; the limit is {limit_ms} ms \
+         (max_queue_time): retry later or on another replica"
+    )]
+    QueueTimeout { waited_ms: u64, limit_ms: u64 },
+    #[error("the client's deadline passed after {waited_ms} ms in the queue; not started")]
+    DeadlineExceeded { waited_ms: u64 },
     #[error("model failure: {0}")]
     Model(String),
     #[error("detokenization failure: {0}")]

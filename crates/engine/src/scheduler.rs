@@ -50,7 +50,14 @@ pub struct EngineConfig {
     /// copy of the sequence's, in the same forward; the verifier keeps the candidate it accepts
     /// most of. 1: a single draft.
     pub draft_candidates: usize,
+    /// Longest a request may wait to start; past it the request fails with `QueueTimeout`
+    /// (the client retries elsewhere instead of waiting minutes in an overload). `None`: no
+    /// limit.
+    pub max_queue_time: Option<Duration>,
 }
+
+/// `EngineConfig::max_queue_time` by default.
+pub const DEFAULT_MAX_QUEUE_TIME: Duration = Duration::from_secs(60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -62,6 +69,7 @@ impl Default for EngineConfig {
             max_draft_tokens: 8,
             adaptive_draft: true,
             draft_candidates: 1,
+            max_queue_time: Some(DEFAULT_MAX_QUEUE_TIME),
         }
     }
 }
@@ -77,6 +85,9 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Requests failed before they started: their client's deadline passed, or they waited
+    /// past `max_queue_time`.
+    pub expired: AtomicU64,
     /// Set when a tensor-parallel group broke (a rank died): this replica can't serve anymore.
     pub group_failed: std::sync::atomic::AtomicBool,
     /// Speculative decoding: tokens drafted and accepted by the verifier.
@@ -112,6 +123,8 @@ struct Pending {
     req: Request,
     events: mpsc::UnboundedSender<Event>,
     queued_at: Instant,
+    /// The client's deadline: past it the request is not started.
+    deadline: Option<Instant>,
 }
 
 /// A submitted request: its event stream. Dropping it cancels the request and frees its KV.
@@ -262,6 +275,17 @@ impl Engine {
     /// Validates and queues a request. Refuses at once (nothing queued) on bad input, a prompt
     /// that does not fit the context, or a full queue.
     pub fn submit(&self, req: Request) -> Result<Generation, EngineError> {
+        self.submit_with_deadline(req, None)
+    }
+
+    /// [`Engine::submit`] for a client with a deadline: a request still waiting when it passes
+    /// is never started (it fails with `DeadlineExceeded`), so it frees its queue place for
+    /// requests that can still be answered.
+    pub fn submit_with_deadline(
+        &self,
+        req: Request,
+        deadline: Option<Instant>,
+    ) -> Result<Generation, EngineError> {
         req.validate(self.max_context, self.vocab_size)?;
         if self.stats.group_failed.load(Ordering::SeqCst) {
             return Err(EngineError::GroupFailed(
@@ -283,6 +307,7 @@ impl Engine {
             req,
             events: etx,
             queued_at: Instant::now(),
+            deadline,
         };
         if self
             .commands
@@ -452,6 +477,7 @@ impl Scheduler {
                 }
                 continue;
             }
+            self.expire_waiting();
             self.admit();
             if !self.running.is_empty() {
                 self.step();
@@ -498,6 +524,43 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Fails waiting requests whose client deadline passed or that waited past
+    /// `max_queue_time`: they would only be answered too late.
+    fn expire_waiting(&mut self) {
+        let now = Instant::now();
+        let limit = self.cfg.max_queue_time;
+        let expired = |p: &Pending| -> Option<EngineError> {
+            if p.deadline.is_some_and(|d| now >= d) {
+                return Some(EngineError::DeadlineExceeded {
+                    waited_ms: now.duration_since(p.queued_at).as_millis() as u64,
+                });
+            }
+            let waited = now.duration_since(p.queued_at);
+            match limit {
+                Some(l) if waited > l => Some(EngineError::QueueTimeout {
+                    waited_ms: waited.as_millis() as u64,
+                    limit_ms: l.as_millis() as u64,
+                }),
+                _ => None,
+            }
+        };
+        if !self.waiting.iter().any(|p| expired(p).is_some()) {
+            return;
+        }
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for p in self.waiting.drain(..) {
+            match expired(&p) {
+                Some(e) => {
+                    self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    let _ = p.events.send(Event::Error(e));
+                }
+                None => kept.push_back(p),
+            }
+        }
+        self.waiting = kept;
     }
 
     fn admit(&mut self) {

@@ -493,3 +493,79 @@ fn cancelling_releases_the_drafters_state_at_once() {
     }
     assert!(released.lock().unwrap().contains(&done_id));
 }
+
+/// A request that cannot start within `max_queue_time` fails with QueueTimeout (RESOURCE_EXHAUSTED
+/// at the worker) instead of waiting on; one whose client deadline passes while it waits is
+/// never started; the running request is not disturbed (issue 15, probe item 6).
+#[test]
+fn waiting_requests_expire_by_queue_time_and_by_deadline() {
+    // A long context, so the running request outlasts the limits many times over.
+    let tiny = tiny_model(&TinyConfig {
+        max_position_embeddings: 2048,
+        hidden_size: 256,
+        intermediate_size: 1024,
+        ..TinyConfig::llama()
+    })
+    .unwrap();
+    let e = engine(
+        &tiny,
+        EngineConfig {
+            max_running: 1,
+            max_queue_time: Some(Duration::from_millis(100)),
+            ..Default::default()
+        },
+    );
+    // Occupies the one running place for far longer than the queue limit.
+    let mut long = e
+        .submit(Request {
+            ignore_eos: true,
+            ..greedy(prompts()[0].clone(), 1900)
+        })
+        .unwrap();
+    assert!(matches!(long.events.blocking_recv(), Some(Event::Token(_))));
+    let started = std::time::Instant::now();
+    let queued = e.submit(greedy(prompts()[1].clone(), 4)).unwrap();
+    let with_deadline = e
+        .submit_with_deadline(
+            greedy(prompts()[2].clone(), 4),
+            Some(std::time::Instant::now() + Duration::from_millis(50)),
+        )
+        .unwrap();
+    match with_deadline.collect_blocking() {
+        Err(EngineError::DeadlineExceeded { waited_ms }) => assert!(waited_ms >= 50),
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+    match queued.collect_blocking() {
+        Err(EngineError::QueueTimeout {
+            waited_ms,
+            limit_ms,
+        }) => {
+            assert_eq!(limit_ms, 100);
+            assert!(waited_ms >= 100, "{waited_ms}");
+        }
+        other => panic!("expected QueueTimeout, got {other:?}"),
+    }
+    // Bounds only a hang: both failed while the long request still ran.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let mut rest = 0;
+    while let Some(ev) = long.events.blocking_recv() {
+        match ev {
+            Event::Token(_) => rest += 1,
+            Event::Finished { reason, .. } => {
+                assert_eq!(reason, FinishReason::Length);
+                break;
+            }
+            Event::Error(e) => panic!("the running request failed: {e}"),
+        }
+    }
+    assert_eq!(rest, 1899);
+    let msg = EngineError::QueueTimeout {
+        waited_ms: 301,
+        limit_ms: 300,
+    }
+    .to_string();
+    assert!(
+        msg.contains("max_queue_time") && msg.contains("300 ms"),
+        "{msg}"
+    );
+}

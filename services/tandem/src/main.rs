@@ -112,6 +112,10 @@ pub struct WorkerArgs {
     /// Most sequences running at once.
     #[arg(long, env = "TANDEM_WORKER_MAX_RUNNING")]
     pub max_running: Option<usize>,
+    /// Longest a request waits to start before RESOURCE_EXHAUSTED (an overload answered at
+    /// once instead of minutes later); 0 = no limit [default: 60s].
+    #[arg(long, env = "TANDEM_WORKER_MAX_QUEUE_TIME")]
+    pub max_queue_time: Option<Dur>,
     /// Most requests waiting; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_WORKER_MAX_WAITING")]
     pub max_waiting: Option<usize>,
@@ -210,6 +214,7 @@ impl WorkerArgs {
                 max_context,
                 max_batch_tokens,
                 max_running,
+                max_queue_time,
                 max_waiting,
                 max_new_tokens_limit,
                 max_message_bytes,
@@ -329,6 +334,9 @@ impl WorkerArgs {
         }
         if let Some(v) = self.max_waiting {
             cfg.engine.max_waiting = v;
+        }
+        if let Some(v) = self.max_queue_time {
+            cfg.engine.max_queue_time = (!v.0.is_zero()).then_some(v.0);
         }
         if let Some(v) = self.max_new_tokens_limit {
             cfg.max_new_tokens_limit = v;

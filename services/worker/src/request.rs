@@ -54,7 +54,10 @@ impl GenerateError {
                 EngineError::Invalid { .. } | EngineError::ContextExceeded { .. } => {
                     Code::InvalidArgument
                 }
-                EngineError::QueueFull { .. } => Code::ResourceExhausted,
+                EngineError::QueueFull { .. } | EngineError::QueueTimeout { .. } => {
+                    Code::ResourceExhausted
+                }
+                EngineError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
                 EngineError::Stopped | EngineError::GroupFailed(_) => Code::Unavailable,
                 EngineError::Model(_) | EngineError::Detokenize(_) => Code::Internal,
             },

@@ -120,7 +120,7 @@ impl ShardService {
             loaded.engine.max_context(),
         )?;
         let prompt_tokens = engine_req.prompt.len();
-        let generation = loaded.engine.submit(engine_req)?;
+        let generation = loaded.engine.submit_with_deadline(engine_req, deadline)?;
         let (abort, registration) = if request_id.is_empty() {
             (None, None)
         } else {
