@@ -284,7 +284,7 @@ impl Router {
         // the limit, as clients expect for bad input. Beyond that tonic's hard cap applies.
         let generation = GenerationServer::new(self.service)
             .max_decoding_message_size(cfg.max_message_bytes.saturating_mul(4))
-            .max_encoding_message_size(cfg.max_message_bytes);
+            .max_encoding_message_size(service::response_limit(cfg.max_message_bytes));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(cfg.max_concurrent_streams))

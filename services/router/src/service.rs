@@ -203,6 +203,12 @@ fn classify(status: &Status) -> Failure {
     }
 }
 
+/// The largest response the public API sends: room for a Tokenize answer (ids and token
+/// strings) of ordinary text within the request limit.
+pub(crate) fn response_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(4)
+}
+
 /// The deadline of one request: the client's `grpc-timeout` (less a margin) and the router's
 /// own `request_timeout`, whichever is sooner.
 fn deadline<T>(req: &Request<T>, started: Instant, cfg: &ServiceConfig) -> Option<Instant> {
@@ -703,6 +709,18 @@ impl Generation for GenerationService {
     ) -> Result<Response<TokenizeResponse>, Status> {
         let result = async {
             let req = request.into_inner();
+            let limit = self.shared.cfg.max_message_bytes;
+            // Before any work: tonic lets up to 4x the limit through so this can say which.
+            let size = prost::Message::encoded_len(&req);
+            if size > limit {
+                return Err(RequestError::invalid(
+                    "request",
+                    format!(
+                        "message is {size} bytes; the limit is {limit} bytes (max_message_bytes): \
+                         tokenize a shorter input or raise the router's --max-message-bytes"
+                    ),
+                ));
+            }
             let snap = self.shared.pool.snapshot();
             let model = self.shared.resolve_model(&snap, &req.model)?;
             let input = validate::parse_tokenize_input(req.input)?;
@@ -711,7 +729,23 @@ impl Generation for GenerationService {
                 .iter()
                 .map(|&id| model.text.tokenizer.id_to_token(id).unwrap_or_default())
                 .collect();
-            Ok::<_, RequestError>(TokenizeResponse { token_ids, tokens })
+            let resp = TokenizeResponse { token_ids, tokens };
+            // Ids plus token strings outgrow the text (3.5x for English with the test
+            // tokenizer, up to ~6x for text of single-byte tokens). The response limit (4x) fits
+            // ordinary text within the request limit; beyond it this names the limit instead
+            // of failing in the encoder (OUT_OF_RANGE, which was counted as ok).
+            let out = prost::Message::encoded_len(&resp);
+            if out > response_limit(limit) {
+                return Err(RequestError::invalid(
+                    "input",
+                    format!(
+                        "the response would be {out} bytes; the limit is {} bytes (4 x \
+                         max_message_bytes): tokenize a shorter input",
+                        response_limit(limit)
+                    ),
+                ));
+            }
+            Ok::<_, RequestError>(resp)
         }
         .await;
         self.shared.metrics.request_done(

@@ -1210,3 +1210,64 @@ async fn ngram_speculation_over_the_api_keeps_greedy_output() {
     .unwrap_or_default();
     assert!(first > 0.0, "{m}");
 }
+
+/// Tokenize within the router's request limit (4 MiB by default) answers, though its response
+/// (ids plus token strings) is 3.5x the text; beyond the limit it is refused with
+/// INVALID_ARGUMENT naming the limit, before any tokenizing, and counted as such (issue 15,
+/// probe item 1: 5 MiB spent seconds of router CPU, then OUT_OF_RANGE counted as ok).
+#[tokio::test(flavor = "multi_thread")]
+async fn tokenize_applies_the_message_limit_and_its_response_fits() {
+    let tiny = tandem_testkit::tiny_model(&TinyConfig::llama()).unwrap();
+    let cluster = Cluster::start(&tiny.dir, 1).await;
+    let mut c = cluster
+        .client()
+        .await
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let text = |bytes: usize| "the quick brown fox ".repeat(bytes / 20);
+    let started = Instant::now();
+    let err = c
+        .tokenize(TokenizeRequest {
+            model: String::new(),
+            input: Some(tokenize_request::Input::Text(text(5 << 20))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("max_message_bytes"),
+        "{}",
+        err.message()
+    );
+    // Refused before tokenizing (that took seconds); bounds only that.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let ok = c
+        .tokenize(TokenizeRequest {
+            model: String::new(),
+            input: Some(tokenize_request::Input::Text(text(3 << 20))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.token_ids.is_empty());
+    assert_eq!(ok.token_ids.len(), ok.tokens.len());
+    let m = cluster.metrics().await;
+    assert_eq!(
+        metric_sample(
+            &m,
+            "tandem_router_requests_total",
+            "method=\"Tokenize\",code=\"invalid_argument\""
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_sample(
+            &m,
+            "tandem_router_requests_total",
+            "method=\"Tokenize\",code=\"ok\""
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
