@@ -9,6 +9,7 @@ mod drain;
 mod grpc;
 mod metrics;
 mod server;
+pub mod tls;
 
 pub use drain::{Drain, InFlight};
 pub use grpc::{

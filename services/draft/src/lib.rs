@@ -36,7 +36,6 @@ use tandem_runtime::{
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 pub use crate::core::{
@@ -78,6 +77,8 @@ pub struct DraftConfig {
     pub discovery: Option<DraftDiscovery>,
     /// Where the draft model runs (`cuda`: GPU 0; the target's GPU or another).
     pub device: tandem_model::DeviceKind,
+    /// TLS of the draft API (mTLS with a client CA: only the cluster's workers may call).
+    pub tls: Option<tandem_runtime::tls::TlsFiles>,
 }
 
 /// Where and as what the draft registers.
@@ -105,6 +106,7 @@ impl DraftConfig {
             drain_grace: Duration::from_secs(30),
             discovery: None,
             device: tandem_model::DeviceKind::Cpu,
+            tls: None,
         }
     }
 
@@ -170,8 +172,13 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
         .add_service(reflection_v1(&[DRAFTER_SERVICE])?)
         .add_service(reflection_v1alpha(&[DRAFTER_SERVICE])?)
         .add_service(drafter);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+    let tls = cfg
+        .tls
+        .clone()
+        .map(tandem_runtime::tls::ServerTls::load)
+        .transpose()
+        .context("the draft's TLS certificate")?;
+    let server = tokio::spawn(tandem_runtime::tls::serve(router, listener, tls, async {
         let _ = server_stop_rx.await;
     }));
     tracing::info!(%addr, model = %cfg.model.display(), "draft listening; loading the model");

@@ -76,6 +76,12 @@ pub struct RouterConfig {
     pub request_timeout: Option<Duration>,
     /// How often each worker's health, info and load are polled.
     pub poll_interval: Duration,
+    /// TLS of the public API (`--tls-cert`, `--tls-key`; with `--tls-client-ca` clients need
+    /// certificates). `None`: plaintext.
+    pub tls: Option<tandem_runtime::tls::TlsFiles>,
+    /// TLS to the workers (`--tls-ca`, and `--tls-cert`/`--tls-key` as the client certificate
+    /// workers with mTLS require). `None`: plaintext.
+    pub upstream_tls: Option<tandem_runtime::tls::ClientTls>,
 }
 
 impl RouterConfig {
@@ -95,6 +101,8 @@ impl RouterConfig {
             drain_grace: Duration::from_secs(30),
             request_timeout: None,
             poll_interval: Duration::from_secs(1),
+            tls: None,
+            upstream_tls: None,
         }
     }
 }
@@ -202,6 +210,7 @@ struct Router {
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     service: service::GenerationService,
     drain: Drain,
+    tls: Option<tandem_runtime::tls::ServerTls>,
 }
 
 impl Router {
@@ -211,6 +220,13 @@ impl Router {
         listener: TcpListener,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
+        // Bad certificate files fail the start, naming the file.
+        let tls = cfg
+            .tls
+            .clone()
+            .map(tandem_runtime::tls::ServerTls::load)
+            .transpose()
+            .context("the router's TLS certificate")?;
         let mut registry = Registry::default();
         let metrics = metrics::RouterMetrics::new(&mut registry);
         if membership.status() != MembershipStatus::Static {
@@ -238,6 +254,7 @@ impl Router {
             metrics.clone(),
             cfg.poll_interval,
             cfg.max_message_bytes,
+            cfg.upstream_tls.clone(),
         );
         let pool = Arc::new(pool);
         let poller = tokio::spawn(poller.run());
@@ -274,6 +291,7 @@ impl Router {
             health_server,
             service,
             drain,
+            tls,
         })
     }
 
@@ -292,13 +310,10 @@ impl Router {
             .add_service(self.health_server)
             .add_service(tandem_runtime::reflection_v1(&[GENERATION_SERVICE])?)
             .add_service(tandem_runtime::reflection_v1alpha(&[GENERATION_SERVICE])?)
-            .add_service(generation)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(self.listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            );
+            .add_service(generation);
+        let server = tandem_runtime::tls::serve(server, self.listener, self.tls, async {
+            let _ = stop_rx.await;
+        });
         let mut server = tokio::spawn(server);
         tokio::select! {
             _ = shutdown => {}

@@ -16,7 +16,7 @@ use tandem_proto::shard::v1::{
 };
 use tandem_runtime::HealthReporter;
 use tokio::sync::{watch, Notify};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -55,9 +55,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn new(url: &str, max_message_bytes: usize) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("invalid worker URL '{url}': {e}"))?
+    fn new(
+        url: &str,
+        max_message_bytes: usize,
+        tls: Option<&tandem_runtime::tls::ClientTls>,
+    ) -> Result<Self, String> {
+        let endpoint = tandem_runtime::tls::endpoint(url, tls)
+            .map_err(|e| format!("worker {url}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -323,6 +327,8 @@ pub struct Poller {
     metrics: RouterMetrics,
     interval: Duration,
     max_message_bytes: usize,
+    /// TLS (and a client certificate) for the connections to workers.
+    tls: Option<tandem_runtime::tls::ClientTls>,
     workers: HashMap<String, Arc<Worker>>,
     /// Tokenizers by model name, fetched once (again only if a worker reports another hash).
     texts: HashMap<String, (String, TextModel)>,
@@ -351,6 +357,7 @@ pub fn pool(
     metrics: RouterMetrics,
     interval: Duration,
     max_message_bytes: usize,
+    tls: Option<tandem_runtime::tls::ClientTls>,
 ) -> (Pool, Poller) {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let poke = Arc::new(Notify::new());
@@ -369,6 +376,7 @@ pub fn pool(
         metrics,
         interval,
         max_message_bytes,
+        tls,
         workers: HashMap::new(),
         texts: HashMap::new(),
         was_usable: HashMap::new(),
@@ -446,7 +454,7 @@ impl Poller {
             if self.workers.contains_key(url) {
                 continue;
             }
-            match Worker::new(url, self.max_message_bytes) {
+            match Worker::new(url, self.max_message_bytes, self.tls.as_ref()) {
                 Ok(w) => {
                     self.workers.insert(url.clone(), Arc::new(w));
                 }
@@ -780,7 +788,7 @@ mod tests {
     /// `waiting` requests, none of them this router's.
     fn view(url: &str, model: &str, running: u32, waiting: u32, max_waiting: u32) -> WorkerView {
         WorkerView {
-            worker: Arc::new(Worker::new(url, 1 << 20).unwrap()),
+            worker: Arc::new(Worker::new(url, 1 << 20, None).unwrap()),
             model: Some(model.to_owned()),
             load: LoadResponse {
                 running,

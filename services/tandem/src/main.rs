@@ -192,6 +192,23 @@ pub struct WorkerArgs {
     /// Group id in etcd [default: derived from the advertise address].
     #[arg(long, env = "TANDEM_WORKER_GROUP")]
     pub group: Option<String>,
+    /// This server's TLS certificate chain (PEM); with --tls-key the API is served over TLS
+    /// only. Re-read when the file changes (rotation keeps open streams) [default: plaintext].
+    #[arg(long, env = "TANDEM_WORKER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_WORKER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS) [default: no client certificates].
+    #[arg(long, env = "TANDEM_WORKER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Call the draft service over TLS, trusting this CA (its server certificate); --tls-cert/--tls-key are then this worker's client certificate [default: plaintext].
+    #[arg(long, env = "TANDEM_WORKER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the servers' certificates must carry when it is not the host dialled (pods
+    /// are dialled by IP) [default: the host].
+    #[arg(long, env = "TANDEM_WORKER_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
     /// Shut down when stdin closes: children of `tandem up` die with their parent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -237,6 +254,11 @@ impl WorkerArgs {
                 cluster,
                 advertise_address,
                 group,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+                tls_ca,
+                tls_server_name,
             ]
         );
     }
@@ -367,6 +389,12 @@ impl WorkerArgs {
             if let Some(c) = self.draft_catch_up {
                 d.catch_up = c.into();
             }
+            d.tls = client_tls(
+                self.tls_ca.clone(),
+                self.tls_cert.as_ref(),
+                self.tls_key.as_ref(),
+                self.tls_server_name.clone(),
+            );
             cfg.draft = Some(d);
             cfg.engine.default_speculation = tandem_engine::SpecMode::DraftModel;
         }
@@ -393,6 +421,7 @@ impl WorkerArgs {
             cfg.engine.draft_candidates = c;
         }
         cfg.discovery = discovery;
+        cfg.tls = server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         Ok(cfg)
     }
 }
@@ -431,6 +460,23 @@ pub struct RouterArgs {
     /// How often workers are polled for health and load [default: 1s].
     #[arg(long, env = "TANDEM_ROUTER_POLL_INTERVAL")]
     pub poll_interval: Option<Dur>,
+    /// This server's TLS certificate chain (PEM); with --tls-key the API is served over TLS
+    /// only. Re-read when the file changes (rotation keeps open streams) [default: plaintext].
+    #[arg(long, env = "TANDEM_ROUTER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_ROUTER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS) [default: no client certificates].
+    #[arg(long, env = "TANDEM_ROUTER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Call the workers over TLS, trusting this CA; --tls-cert/--tls-key are then the router's client certificate for workers that require one (mTLS) [default: plaintext].
+    #[arg(long, env = "TANDEM_ROUTER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the servers' certificates must carry when it is not the host dialled (pods
+    /// are dialled by IP) [default: the host].
+    #[arg(long, env = "TANDEM_ROUTER_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
     /// etcd endpoints, comma separated (http://HOST:2379): groups that register there join and
     /// leave without a restart (on top of --workers) [default: none].
     #[arg(long, env = "TANDEM_ROUTER_ETCD_ENDPOINTS", value_delimiter = ',')]
@@ -464,6 +510,11 @@ impl RouterArgs {
                 drain_grace,
                 request_timeout,
                 poll_interval,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+                tls_ca,
+                tls_server_name,
                 etcd_endpoints,
                 cluster,
                 routing_policy,
@@ -512,6 +563,13 @@ impl RouterArgs {
             anyhow::ensure!(!v.0.is_zero(), "poll_interval must be above 0");
             cfg.poll_interval = v.0;
         }
+        cfg.upstream_tls = client_tls(
+            self.tls_ca,
+            self.tls_cert.as_ref(),
+            self.tls_key.as_ref(),
+            self.tls_server_name,
+        );
+        cfg.tls = server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         Ok(cfg)
     }
 }
@@ -539,6 +597,16 @@ pub struct DraftArgs {
     /// another. Needs the GPU binary (scripts/build-cuda).
     #[arg(long, env = "TANDEM_DRAFT_DEVICE")]
     pub device: Option<DeviceArg>,
+    /// This server's TLS certificate chain (PEM); with --tls-key the API is served over TLS
+    /// only. Re-read when the file changes (rotation keeps open streams) [default: plaintext].
+    #[arg(long, env = "TANDEM_DRAFT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TANDEM_DRAFT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS) [default: no client certificates].
+    #[arg(long, env = "TANDEM_DRAFT_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Cap the context length below the model's own [default: the model's].
     #[arg(long, env = "TANDEM_DRAFT_MAX_CONTEXT")]
     pub max_context: Option<usize>,
@@ -587,6 +655,9 @@ impl DraftArgs {
                 model_name,
                 quant,
                 device,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
                 max_context,
                 max_sequences,
                 idle_ttl,
@@ -642,6 +713,7 @@ impl DraftArgs {
             cfg.drain_grace = v.0;
         }
         cfg.discovery = discovery;
+        cfg.tls = server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         Ok(cfg)
     }
 }
@@ -737,6 +809,47 @@ impl UpArgs {
         );
         self.no_draft |= file.no_draft;
     }
+}
+
+/// A server's TLS files from its flags: none (plaintext), or certificate and key (and a client
+/// CA for mTLS). Half a pair is an error, not a silent plaintext server.
+fn server_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> anyhow::Result<Option<tandem_runtime::tls::TlsFiles>> {
+    match (cert, key) {
+        (None, None) => {
+            anyhow::ensure!(
+                client_ca.is_none(),
+                "--tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)"
+            );
+            Ok(None)
+        }
+        (Some(cert), Some(key)) => Ok(Some(tandem_runtime::tls::TlsFiles {
+            cert: Some(cert),
+            key: Some(key),
+            ca: client_ca,
+        })),
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key"),
+    }
+}
+
+/// A client hop's TLS: on with --tls-ca, presenting --tls-cert/--tls-key when given.
+fn client_tls(
+    ca: Option<PathBuf>,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    server_name: Option<String>,
+) -> Option<tandem_runtime::tls::ClientTls> {
+    ca.map(|ca| tandem_runtime::tls::ClientTls {
+        files: tandem_runtime::tls::TlsFiles {
+            cert: cert.cloned(),
+            key: key.cloned(),
+            ca: Some(ca),
+        },
+        domain: server_name,
+    })
 }
 
 /// `--cluster`, or the default cluster.

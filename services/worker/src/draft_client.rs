@@ -26,7 +26,7 @@ use tandem_engine::draft::{Draft, DraftRequest, Drafter};
 use tandem_proto::draft::v1 as pb;
 use tandem_proto::draft::v1::drafter_client::DrafterClient;
 use tokio::runtime::Handle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How the verifier talks to its draft service.
 #[derive(Debug, Clone)]
@@ -39,6 +39,8 @@ pub struct DraftClientConfig {
     pub min_confidence: f32,
     /// How a sequence's context first reaches the draft.
     pub catch_up: CatchUp,
+    /// TLS to the draft service (its CA, and this worker's certificate for a draft with mTLS).
+    pub tls: Option<tandem_runtime::tls::ClientTls>,
 }
 
 /// How a sequence the draft doesn't hold yet gets its context there.
@@ -68,6 +70,7 @@ impl DraftClientConfig {
             timeout: Duration::from_millis(1500),
             min_confidence: 0.3,
             catch_up: CatchUp::Background,
+            tls: None,
         }
     }
 }
@@ -157,8 +160,8 @@ impl RemoteDrafter {
         target_hash: String,
         stats: Arc<DraftClientStats>,
     ) -> Result<Self, PairingError> {
-        let channel = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| PairingError::BadEndpoint(cfg.endpoint.clone(), e.to_string()))?
+        let channel = tandem_runtime::tls::endpoint(&cfg.endpoint, cfg.tls.as_ref())
+            .map_err(|e| PairingError::BadEndpoint(cfg.endpoint.clone(), e))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();

@@ -19,7 +19,6 @@ use tandem_runtime::{set_health, spawn_metrics_server, HealthReporter, MetricsRe
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::{WorkerConfig, WorkerHandle};
@@ -310,14 +309,20 @@ pub(crate) async fn spawn_follower(
 
     let (health, health_svc) = health_service(&[]).await;
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(
-        Server::builder()
-            .add_service(health_svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = server_stop_rx.await;
-            }),
-    );
+    let tls = cfg
+        .tls
+        .clone()
+        .map(tandem_runtime::tls::ServerTls::load)
+        .transpose()
+        .context("the worker's TLS certificate")?;
+    let server = tokio::spawn(tandem_runtime::tls::serve(
+        Server::builder().add_service(health_svc),
+        listener,
+        tls,
+        async {
+            let _ = server_stop_rx.await;
+        },
+    ));
     tracing::info!(%addr, rank = g.rank, world_size = g.world_size, model = %cfg.model.display(),
         "follower listening (health only); loading its shard");
 

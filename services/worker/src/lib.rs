@@ -35,7 +35,6 @@ use tandem_runtime::{
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 pub use group::{GroupConfig, LOAD_BARRIER_TIMEOUT};
@@ -88,6 +87,9 @@ pub struct WorkerConfig {
     pub device: tandem_model::DeviceKind,
     /// How a GPU group's ranks sum activations (ignored on the CPU and at TP=1).
     pub collective: CollectiveBackend,
+    /// TLS of the shard API (mTLS with a client CA: only the cluster's routers may call).
+    /// `None`: plaintext. Followers' health endpoints use it too.
+    pub tls: Option<tandem_runtime::tls::TlsFiles>,
 }
 
 /// The tensor-parallel activations' transport. The step plans always go over TCP.
@@ -132,6 +134,7 @@ impl WorkerConfig {
             discovery: None,
             device: tandem_model::DeviceKind::Cpu,
             collective: CollectiveBackend::Auto,
+            tls: None,
         }
     }
 
@@ -216,8 +219,13 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
         .add_service(reflection_v1(&[SHARD_SERVICE])?)
         .add_service(reflection_v1alpha(&[SHARD_SERVICE])?)
         .add_service(shard);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+    let tls = cfg
+        .tls
+        .clone()
+        .map(tandem_runtime::tls::ServerTls::load)
+        .transpose()
+        .context("the worker's TLS certificate")?;
+    let server = tokio::spawn(tandem_runtime::tls::serve(router, listener, tls, async {
         let _ = server_stop_rx.await;
     }));
     tracing::info!(%addr, model = %cfg.model.display(), "worker listening; loading the model");
