@@ -39,15 +39,19 @@ FLAGS = {
     "router": {"--listen", "--metrics-listen", "--workers", "--model-name", "--drain-grace",
                "--etcd-endpoints", "--cluster", "--routing-policy", "--max-new-tokens-limit",
                "--max-message-bytes", "--max-concurrent-streams", "--request-timeout",
-               "--poll-interval", "--log-json", "--config"},
+               "--poll-interval", "--log-json", "--config", "--tls-cert", "--tls-key",
+               "--tls-client-ca", "--tls-ca", "--tls-server-name"},
     "worker": {"--model", "--listen", "--metrics-listen", "--model-name", "--quant",
                "--max-context", "--max-batch-tokens", "--max-running", "--max-waiting",
                "--max-new-tokens-limit", "--max-message-bytes", "--max-concurrent-streams",
                "--drain-grace", "--rank", "--world-size", "--group-peers",
                "--group-connect-timeout", "--group-io-timeout", "--etcd-endpoints", "--cluster",
-               "--advertise-address", "--group", "--draft-endpoint", "--log-json", "--config"},
+               "--advertise-address", "--group", "--draft-endpoint", "--log-json", "--config",
+               "--device", "--collective", "--max-queue-time", "--tls-cert", "--tls-key",
+               "--tls-client-ca", "--tls-ca", "--tls-server-name"},
     "draft": {"--model", "--listen", "--metrics-listen", "--etcd-endpoints", "--cluster",
-              "--advertise-address", "--log-json", "--config"},
+              "--advertise-address", "--log-json", "--config", "--device", "--tls-cert",
+              "--tls-key", "--tls-client-ca"},
 }
 
 problems = []
@@ -133,10 +137,21 @@ def check_server(c, role, where, pod):
         problem(where, f"{role}: --listen {listen} is not the grpc containerPort {ports.get('grpc')}")
     if not flags.get("--metrics-listen", "").endswith(f":{ports.get('metrics')}"):
         problem(where, f"{role}: --metrics-listen is not the metrics containerPort")
+    # With TLS the gRPC port speaks only TLS, which kubelet's gRPC probe cannot: the same health
+    # is then read over HTTP on the metrics port (/readyz).
+    tls = "--tls-cert" in flags
     for probe in ("readinessProbe",) + (("startupProbe", "livenessProbe") if role != "router" else ()):
         p = c.get(probe) or {}
-        if p.get("grpc", {}).get("port") != ports.get("grpc"):
+        if tls:
+            h = p.get("httpGet", {})
+            if h.get("path") != "/readyz" or h.get("port") not in ("metrics", ports.get("metrics")):
+                problem(where, f"{role}: {probe} must be httpGet /readyz on the metrics port (TLS)")
+        elif p.get("grpc", {}).get("port") != ports.get("grpc"):
             problem(where, f"{role}: {probe} must be a grpc probe on port {ports.get('grpc')}")
+    if tls:
+        for f in ("--tls-cert", "--tls-key") + (("--tls-client-ca",) if role != "router" else ()):
+            if not flags.get(f, "").startswith("/"):
+                problem(where, f"{role}: TLS needs {f} on the mounted secret")
     if role == "router":
         lp = (c.get("livenessProbe") or {}).get("httpGet", {})
         if lp.get("path") != "/healthz":

@@ -19,9 +19,19 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 
 /// A registry the metrics endpoint can read while services keep registering into it. Cheap to
 /// clone. Built from a `Registry` (or an `Arc<Registry>` already frozen) with `From`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MetricsRegistry {
     inner: Inner,
+    /// The server's gRPC health, for `GET /readyz` (set once the health service exists).
+    health: Arc<std::sync::OnceLock<tonic_health::server::HealthService>>,
+}
+
+impl std::fmt::Debug for MetricsRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsRegistry")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +50,7 @@ impl From<Registry> for MetricsRegistry {
     fn from(r: Registry) -> Self {
         Self {
             inner: Inner::Shared(Arc::new(Mutex::new(r))),
+            health: Arc::default(),
         }
     }
 }
@@ -48,6 +59,7 @@ impl From<Arc<Registry>> for MetricsRegistry {
     fn from(r: Arc<Registry>) -> Self {
         Self {
             inner: Inner::Frozen(r),
+            health: Arc::default(),
         }
     }
 }
@@ -55,6 +67,17 @@ impl From<Arc<Registry>> for MetricsRegistry {
 impl MetricsRegistry {
     pub fn new() -> Self {
         Registry::default().into()
+    }
+
+    /// Makes `GET /readyz` answer with the server's overall gRPC health: 200 while SERVING,
+    /// 503 otherwise. For probes that cannot speak gRPC over TLS (kubelet's gRPC probe has no
+    /// TLS), on the plaintext metrics port.
+    pub fn set_health(&self, reporter: &tonic_health::server::HealthReporter) {
+        let _ = self
+            .health
+            .set(tonic_health::server::HealthService::from_health_reporter(
+                reporter.clone(),
+            ));
     }
 
     /// Registers a metric. Returns false (and drops it) on a registry built from a frozen
@@ -136,7 +159,23 @@ fn router(registry: MetricsRegistry) -> axum::Router {
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(registry)
+}
+
+async fn readyz(State(registry): State<MetricsRegistry>) -> Response {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health as _;
+    let Some(h) = registry.health.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
+    };
+    let req = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    match h.check(req).await {
+        Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => "serving\n".into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "not serving\n").into_response(),
+    }
 }
 
 async fn metrics(State(registry): State<MetricsRegistry>) -> Response {
@@ -217,6 +256,29 @@ mod tests {
         assert!(m.trim_end().ends_with("# EOF"), "{m}");
         let h = get(addr, "/healthz").await;
         assert!(h.starts_with("HTTP/1.1 200") && h.ends_with("ok\n"), "{h}");
+        task.abort();
+    }
+
+    /// `/readyz` follows the gRPC health: 503 before it exists and while NOT_SERVING, 200 once
+    /// SERVING (the chart probes it when TLS keeps kubelet's gRPC probe out).
+    #[tokio::test]
+    async fn readyz_follows_the_grpc_health() {
+        let reg = MetricsRegistry::new();
+        let (addr, task) = spawn_metrics_server("127.0.0.1:0".parse().unwrap(), reg.clone())
+            .await
+            .unwrap();
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        let (health, _svc) = crate::health_service(&["tandem.test.v1.Thing"]).await;
+        reg.set_health(&health);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        crate::set_health(&health, &[], tonic_health::ServingStatus::Serving).await;
+        let r = get(addr, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("serving\n"),
+            "{r}"
+        );
+        crate::set_health(&health, &[], tonic_health::ServingStatus::NotServing).await;
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         task.abort();
     }
 

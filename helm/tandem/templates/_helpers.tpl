@@ -213,3 +213,63 @@ statefulset
 - name: TANDEM_LOG_JSON
   value: {{ .Values.logJson | quote }}
 {{- end -}}
+
+{{/*
+TLS flags of a server (router public API, shard API, draft API): its certificate and key from
+the mounted secret, and with clientAuth the CA that client certificates must chain to (mTLS).
+*/}}
+{{- define "tandem.tlsServerArgs" -}}
+{{- $t := .ctx.Values.tls -}}
+{{- if $t.enabled }}
+- --tls-cert={{ $t.mountPath }}/tls.crt
+- --tls-key={{ $t.mountPath }}/tls.key
+{{- if .clientAuth }}
+- --tls-client-ca={{ $t.mountPath }}/ca.crt
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+TLS flags of a client hop (router -> shard API, verifier -> draft API): trust ca.crt, expect the
+certificate to carry tls.serverName (pods are dialled by IP), present tls.crt (the servers
+require it).
+*/}}
+{{- define "tandem.tlsClientArgs" -}}
+{{- $t := .Values.tls -}}
+{{- if $t.enabled }}
+- --tls-ca={{ $t.mountPath }}/ca.crt
+- --tls-server-name={{ $t.serverName }}
+{{- end }}
+{{- end }}
+
+{{/*
+A probe: grpc.health.v1 on the gRPC port, or with TLS (kubelet's gRPC probe has no TLS) the same
+health as HTTP on the plaintext metrics port (/readyz: 200 while SERVING).
+*/}}
+{{- define "tandem.probe" -}}
+{{- if .ctx.Values.tls.enabled }}
+httpGet:
+  path: /readyz
+  port: {{ .metricsPort }}
+{{- else }}
+grpc:
+  port: {{ .grpcPort }}
+{{- end }}
+{{- end }}
+
+{{- define "tandem.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "tandem.tlsVolume" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}

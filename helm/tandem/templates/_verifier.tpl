@@ -92,6 +92,9 @@ containers:
       {{- if $.Values.draft.enabled }}
       - --draft-endpoint={{ include "tandem.draftEndpoint" $ }}
       {{- end }}
+      {{- /* The shard API takes only callers with the cluster's certificate (routers). */}}
+      {{- include "tandem.tlsServerArgs" (dict "ctx" $ "clientAuth" true) | nindent 6 }}
+      {{- include "tandem.tlsClientArgs" $ | nindent 6 }}
       {{- with $v.extraArgs }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -114,18 +117,15 @@ containers:
     # grpc.health.v1 on the gRPC port: NOT_SERVING until this rank's shard is loaded and the
     # group has met; a leader whose group failed stays NOT_SERVING, so liveness restarts it.
     startupProbe:
-      grpc:
-        port: {{ $v.ports.grpc }}
+      {{- include "tandem.probe" (dict "ctx" $ "grpcPort" $v.ports.grpc "metricsPort" "metrics") | nindent 6 }}
       periodSeconds: {{ $v.startupProbe.periodSeconds }}
       failureThreshold: {{ $v.startupProbe.failureThreshold }}
     readinessProbe:
-      grpc:
-        port: {{ $v.ports.grpc }}
+      {{- include "tandem.probe" (dict "ctx" $ "grpcPort" $v.ports.grpc "metricsPort" "metrics") | nindent 6 }}
       periodSeconds: 5
       failureThreshold: 2
     livenessProbe:
-      grpc:
-        port: {{ $v.ports.grpc }}
+      {{- include "tandem.probe" (dict "ctx" $ "grpcPort" $v.ports.grpc "metricsPort" "metrics") | nindent 6 }}
       periodSeconds: 10
       failureThreshold: 6
     resources:
@@ -134,12 +134,14 @@ containers:
       {{- toYaml $.Values.securityContext | nindent 6 }}
     volumeMounts:
       {{- include "tandem.modelMounts" $ | nindent 6 }}
+      {{- include "tandem.tlsMount" $ | nindent 6 }}
       {{- if $v.shmSizeLimit }}
       - name: dshm
         mountPath: /dev/shm
       {{- end }}
 volumes:
   {{- include "tandem.modelVolume" $ | nindent 2 }}
+  {{- include "tandem.tlsVolume" $ | nindent 2 }}
   {{- if $v.shmSizeLimit }}
   - name: dshm
     emptyDir:

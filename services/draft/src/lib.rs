@@ -147,7 +147,7 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
     let registry = MetricsRegistry::new();
     let metrics = DraftMetrics::new(&registry);
     let metrics_server = match cfg.metrics_listen {
-        Some(a) => Some(spawn_metrics_server(a, registry).await?),
+        Some(a) => Some(spawn_metrics_server(a, registry.clone()).await?),
         None => None,
     };
     let metrics_addr = metrics_server.as_ref().map(|(a, _)| *a);
@@ -160,6 +160,7 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
         metrics: metrics.clone(),
     });
     let (health, health_svc) = health_service(&[DRAFTER_SERVICE]).await;
+    registry.set_health(&health);
     let drafter = DrafterServer::new(DraftService::new(shared))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes.max(16 << 20));

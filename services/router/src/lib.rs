@@ -232,16 +232,17 @@ impl Router {
         if membership.status() != MembershipStatus::Static {
             metrics.register_registry_metrics(&mut registry);
         }
+        let registry = MetricsRegistry::from(registry);
         let (metrics_addr, metrics_task) = match cfg.metrics_listen {
             Some(a) => {
                 let (bound, task) =
-                    tandem_runtime::spawn_metrics_server(a, MetricsRegistry::from(registry))
-                        .await?;
+                    tandem_runtime::spawn_metrics_server(a, registry.clone()).await?;
                 (Some(bound), Some(task))
             }
             None => (None, None),
         };
         let health = tandem_runtime::HealthReporter::new();
+        registry.set_health(&health);
         let health_server = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
         );

@@ -301,13 +301,15 @@ pub(crate) async fn spawn_follower(
     let addr = listener.local_addr()?;
     // On shutdown the leader drains for up to its grace, then ends the group.
     let grace = cfg.drain_grace + Duration::from_secs(10);
+    let registry = MetricsRegistry::new();
     let metrics_server = match cfg.metrics_listen {
-        Some(a) => Some(spawn_metrics_server(a, MetricsRegistry::new()).await?),
+        Some(a) => Some(spawn_metrics_server(a, registry.clone()).await?),
         None => None,
     };
     let metrics_addr = metrics_server.as_ref().map(|(a, _)| *a);
 
     let (health, health_svc) = health_service(&[]).await;
+    registry.set_health(&health);
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
     let tls = cfg
         .tls

@@ -194,7 +194,7 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
     let loaded = Arc::new(OnceLock::new());
     let metrics = WorkerMetrics::new(&registry, loaded.clone());
     let metrics_server = match cfg.metrics_listen {
-        Some(a) => Some(spawn_metrics_server(a, registry).await?),
+        Some(a) => Some(spawn_metrics_server(a, registry.clone()).await?),
         None => None,
     };
     let metrics_addr = metrics_server.as_ref().map(|(a, _)| *a);
@@ -207,6 +207,7 @@ pub async fn spawn(cfg: WorkerConfig) -> anyhow::Result<WorkerHandle> {
         cfg.max_new_tokens_limit,
     ));
     let (health, health_svc) = health_service(&[SHARD_SERVICE]).await;
+    registry.set_health(&health);
     let shard = ShardServer::new(ShardService::new(shared))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes.max(MIN_RESPONSE_LIMIT));
