@@ -13,6 +13,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 mod membership;
 mod metrics;
 mod pool;
@@ -82,6 +83,8 @@ pub struct RouterConfig {
     /// TLS to the workers (`--tls-ca`, and `--tls-cert`/`--tls-key` as the client certificate
     /// workers with mTLS require). `None`: plaintext.
     pub upstream_tls: Option<tandem_runtime::tls::ClientTls>,
+    /// The API key file (`--api-keys`, see [`auth`]); `None`: anyone may call.
+    pub api_keys: Option<std::path::PathBuf>,
 }
 
 impl RouterConfig {
@@ -103,6 +106,7 @@ impl RouterConfig {
             poll_interval: Duration::from_secs(1),
             tls: None,
             upstream_tls: None,
+            api_keys: None,
         }
     }
 }
@@ -227,6 +231,15 @@ impl Router {
             .map(tandem_runtime::tls::ServerTls::load)
             .transpose()
             .context("the router's TLS certificate")?;
+        let api_keys = match &cfg.api_keys {
+            Some(p) => {
+                let keys = Arc::new(auth::ApiKeys::load(p).context("the API key file")?);
+                // Stops with the last reference (the service's).
+                keys.watch();
+                Some(keys)
+            }
+            None => None,
+        };
         let mut registry = Registry::default();
         let metrics = metrics::RouterMetrics::new(&mut registry);
         if membership.status() != MembershipStatus::Static {
@@ -269,6 +282,7 @@ impl Router {
                 max_new_tokens_limit: cfg.max_new_tokens_limit,
                 request_timeout: cfg.request_timeout,
                 max_message_bytes: cfg.max_message_bytes,
+                api_keys: api_keys.clone(),
             },
             pool,
             metrics,

@@ -8,6 +8,13 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    /// The key's name from the key file.
+    pub key: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `Generate`, `GenerateStream`, `Tokenize`, `ListModels`.
     pub method: String,
@@ -23,6 +30,8 @@ pub struct WorkerLabels {
 #[derive(Clone)]
 pub struct RouterMetrics {
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests by API key name (never the key) and code, when keys are on.
+    pub key_requests: Family<KeyLabels, Counter>,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_duration: Histogram,
@@ -49,6 +58,7 @@ impl RouterMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             requests: Family::default(),
+            key_requests: Family::default(),
             // 1 ms .. ~65 s: a first token can wait behind a long queue.
             time_to_first_token: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             // 0.5 ms .. ~4 s.
@@ -132,6 +142,11 @@ impl RouterMetrics {
             "ejections",
             "Times a worker was ejected by its circuit breaker",
             m.ejections.clone(),
+        );
+        r.register(
+            "api_key_requests",
+            "Public API requests by API key name and gRPC code (with --api-keys)",
+            m.key_requests.clone(),
         );
         r.register(
             "retries_refused",

@@ -52,6 +52,8 @@ pub struct ServiceConfig {
     pub request_timeout: Option<Duration>,
     /// Largest request accepted; bigger ones get INVALID_ARGUMENT naming the limit.
     pub max_message_bytes: usize,
+    /// API keys (`--api-keys`); `None`: anyone may call.
+    pub api_keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 pub struct GenerationService {
@@ -91,6 +93,8 @@ struct Tracker {
     /// The request's deadline: a stream the client drops once it has passed ended by the
     /// deadline, not by a cancel (clients reset the stream when their timer fires).
     deadline: Option<Instant>,
+    /// The API key's name, when keys are on.
+    key: Option<String>,
 }
 
 /// A client's own timer fires at its deadline, which the server knows only from the
@@ -123,6 +127,7 @@ impl Tracker {
             last_token: None,
             code: None,
             deadline: None,
+            key: None,
         })
     }
 
@@ -158,6 +163,15 @@ impl Drop for Tracker {
         self.metrics.in_flight.dec();
         let code = self.code.unwrap_or_else(|| dropped_code(self.deadline));
         self.metrics.request_done(self.method, code);
+        if let Some(key) = self.key.take() {
+            self.metrics
+                .key_requests
+                .get_or_create(&crate::metrics::KeyLabels {
+                    key,
+                    code: crate::metrics::code_label(code).to_owned(),
+                })
+                .inc();
+        }
         if code == Code::Ok {
             self.metrics
                 .request_duration
@@ -246,6 +260,32 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 impl Shared {
     /// The model a request names; empty means the default: the configured one, else the only
     /// (or first, by name) model served.
+    /// The caller when API keys are on (`None` when off), its request counted against its
+    /// requests-per-second budget. Errors are counted here, under `method` and the key's name.
+    fn caller(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        method: &'static str,
+    ) -> Result<Option<crate::auth::Caller>, Status> {
+        let Some(keys) = &self.cfg.api_keys else {
+            return Ok(None);
+        };
+        let caller = keys.authenticate(md).inspect_err(|e| {
+            self.metrics.request_done(method, e.code());
+        })?;
+        caller.take_request().inspect_err(|e| {
+            self.metrics.request_done(method, e.code());
+            self.metrics
+                .key_requests
+                .get_or_create(&crate::metrics::KeyLabels {
+                    key: caller.name.clone(),
+                    code: crate::metrics::code_label(e.code()).to_owned(),
+                })
+                .inc();
+        })?;
+        Ok(Some(caller))
+    }
+
     fn resolve_model(&self, snap: &Snapshot, name: &str) -> Result<ModelView, RequestError> {
         crate::validate::check_model_name(name)?;
         let name = if name.is_empty() {
@@ -407,9 +447,13 @@ impl Shared {
         req: GenerateRequest,
         deadline: Option<Instant>,
         started: Instant,
+        caller: Option<&crate::auth::Caller>,
     ) -> Result<Prepared, RequestError> {
         let snap = self.pool.snapshot();
         let model = self.resolve_model(&snap, &req.model)?;
+        if let Some(c) = caller {
+            c.allow_model(&model.name).map_err(RequestError::Auth)?;
+        }
         let parse = validate::parse_generate(req, model, self.cfg.max_new_tokens_limit);
         let valid = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), parse)
@@ -417,6 +461,10 @@ impl Shared {
                 .map_err(|_| deadline_exceeded(started))??,
             None => parse.await?,
         };
+        if let Some(c) = caller {
+            let asked = valid.prompt.len() + valid.stopping.max_new_tokens.unwrap_or(0) as usize;
+            c.take_tokens(asked).map_err(RequestError::Auth)?;
+        }
         self.metrics.prompt_tokens.inc_by(valid.prompt.len() as u64);
         self.pool.retry_budget.deposit();
         let key = RouteKey::new(&valid.session_id, &valid.prompt);
@@ -447,6 +495,7 @@ impl Shared {
         req: GenerateRequest,
         deadline: Option<Instant>,
         mut tracker: Tracker,
+        caller: Option<crate::auth::Caller>,
     ) -> Result<(String, String, ChunkStream), Status> {
         let size = prost::Message::encoded_len(&req);
         if size > self.cfg.max_message_bytes {
@@ -461,7 +510,10 @@ impl Shared {
             tracker.finish(e.code());
             return Err(e.into());
         }
-        match self.start(req, deadline, tracker.started).await {
+        match self
+            .start(req, deadline, tracker.started, caller.as_ref())
+            .await
+        {
             Ok(p) => Ok((
                 p.valid.model.name.clone(),
                 p.first.lease.worker.url.clone(),
@@ -653,12 +705,14 @@ impl Generation for GenerationService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let started = Instant::now();
+        let caller = self.shared.caller(request.metadata(), "Generate")?;
         let deadline = deadline(&request, started, &self.shared.cfg);
         let mut tracker = Tracker::new(&self.shared, "Generate", started)?;
         tracker.deadline = deadline;
+        tracker.key = caller.as_ref().map(|c| c.name.clone());
         let (model, _, mut stream) = self
             .shared
-            .generate(request.into_inner(), deadline, tracker)
+            .generate(request.into_inner(), deadline, tracker, caller)
             .await?;
         let mut out = GenerateResponse {
             model,
@@ -687,12 +741,14 @@ impl Generation for GenerationService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
         let started = Instant::now();
+        let caller = self.shared.caller(request.metadata(), "GenerateStream")?;
         let deadline = deadline(&request, started, &self.shared.cfg);
         let mut tracker = Tracker::new(&self.shared, "GenerateStream", started)?;
         tracker.deadline = deadline;
+        tracker.key = caller.as_ref().map(|c| c.name.clone());
         let (_, leader, stream) = self
             .shared
-            .generate(request.into_inner(), deadline, tracker)
+            .generate(request.into_inner(), deadline, tracker, caller)
             .await?;
         let mut response = Response::new(stream);
         // Which group took the request (before any retry): for debugging and the routing
@@ -707,6 +763,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
+        let caller = self.shared.caller(request.metadata(), "Tokenize")?;
         let result = async {
             let req = request.into_inner();
             let limit = self.shared.cfg.max_message_bytes;
@@ -723,6 +780,9 @@ impl Generation for GenerationService {
             }
             let snap = self.shared.pool.snapshot();
             let model = self.shared.resolve_model(&snap, &req.model)?;
+            if let Some(c) = &caller {
+                c.allow_model(&model.name).map_err(RequestError::Auth)?;
+            }
             let input = validate::parse_tokenize_input(req.input)?;
             let token_ids = validate::tokenize(&model.text, input, model.vocab_size).await?;
             let tokens = token_ids
@@ -759,8 +819,9 @@ impl Generation for GenerationService {
 
     async fn list_models(
         &self,
-        _request: Request<ListModelsRequest>,
+        request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        self.shared.caller(request.metadata(), "ListModels")?;
         let snap = self.shared.pool.snapshot();
         let limit = self.shared.cfg.max_new_tokens_limit;
         let models = snap

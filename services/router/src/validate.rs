@@ -53,6 +53,9 @@ pub enum RequestError {
     Worker(Status),
     #[error("internal error: {0}")]
     Internal(String),
+    /// API key checks (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED with RetryInfo).
+    #[error("{}", .0.message())]
+    Auth(Status),
 }
 
 impl RequestError {
@@ -73,13 +76,18 @@ impl RequestError {
             Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Self::Worker(s) => s.code(),
             Self::Internal(_) => Code::Internal,
+            Self::Auth(s) => s.code(),
         }
     }
 }
 
 impl From<RequestError> for Status {
     fn from(e: RequestError) -> Self {
-        Status::new(e.code(), e.to_string())
+        match e {
+            // Keeps its details (RetryInfo).
+            RequestError::Auth(s) => s,
+            e => Status::new(e.code(), e.to_string()),
+        }
     }
 }
 

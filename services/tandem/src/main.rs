@@ -75,6 +75,13 @@ enum Command {
     /// Write a random-weight model of a real shape (for `bench device` where real weights
     /// cannot be fetched, e.g. scripts/gpu-check).
     MakeModel(bench_device::MakeModelArgs),
+    /// Make a new API key: prints the key (give it to the client) and the entry for the
+    /// router's --api-keys file (which holds only its digest).
+    ApiKey {
+        /// The key's name, shown in metrics and logs.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 /// `tandem worker` flags; also the `[worker]` section of the config file.
@@ -460,6 +467,11 @@ pub struct RouterArgs {
     /// How often workers are polled for health and load [default: 1s].
     #[arg(long, env = "TANDEM_ROUTER_POLL_INTERVAL")]
     pub poll_interval: Option<Dur>,
+    /// API keys (TOML: names, SHA-256 digests, allowed models, per-key limits; re-read when it
+    /// changes): clients must send `authorization: Bearer <key>`. `tandem api-key` makes keys
+    /// [default: no keys needed].
+    #[arg(long, env = "TANDEM_ROUTER_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
     /// This server's TLS certificate chain (PEM); with --tls-key the API is served over TLS
     /// only. Re-read when the file changes (rotation keeps open streams) [default: plaintext].
     #[arg(long, env = "TANDEM_ROUTER_TLS_CERT")]
@@ -510,6 +522,7 @@ impl RouterArgs {
                 drain_grace,
                 request_timeout,
                 poll_interval,
+                api_keys,
                 tls_cert,
                 tls_key,
                 tls_client_ca,
@@ -570,6 +583,7 @@ impl RouterArgs {
             self.tls_server_name,
         );
         cfg.tls = server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)?;
+        cfg.api_keys = self.api_keys;
         Ok(cfg)
     }
 }
@@ -918,6 +932,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(bench::run(args)).map(|()| ExitCode::SUCCESS)
         }
         Command::MakeModel(args) => bench_device::make_model(args).map(|()| ExitCode::SUCCESS),
+        Command::ApiKey { name } => {
+            let (key, entry) = tandem_router::auth::new_key(&name);
+            eprintln!("api key for '{name}' (shown once; the router keeps only its digest):");
+            println!("{key}");
+            eprintln!("\nadd to the router's --api-keys file:\n\n{entry}");
+            Ok(ExitCode::SUCCESS)
+        }
     };
     // Don't wait for stray blocking tasks (a stdin reader, a follower loop) once the server has
     // stopped, on success or failure: dropping the runtime would wait for them forever.
