@@ -40,7 +40,7 @@ FLAGS = {
                "--etcd-endpoints", "--cluster", "--routing-policy", "--max-new-tokens-limit",
                "--max-message-bytes", "--max-concurrent-streams", "--request-timeout",
                "--poll-interval", "--log-json", "--config", "--tls-cert", "--tls-key",
-               "--tls-client-ca", "--tls-ca", "--tls-server-name"},
+               "--tls-client-ca", "--tls-ca", "--tls-server-name", "--api-keys"},
     "worker": {"--model", "--listen", "--metrics-listen", "--model-name", "--quant",
                "--max-context", "--max-batch-tokens", "--max-running", "--max-waiting",
                "--max-new-tokens-limit", "--max-message-bytes", "--max-concurrent-streams",
