@@ -39,6 +39,8 @@ pub enum Bench {
     /// The model on one device: logits against a reference device, prefill and decode speed,
     /// verification cost, tensor parallelism on the device (scripts/gpu-check).
     Device(crate::bench_device::DeviceArgs),
+    /// What TLS, mTLS and API keys add to latency through the router, same run.
+    Security(crate::bench_security::SecurityArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +71,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Bench::RouterOverhead(a) => router_overhead(a).await,
         Bench::Speculation(a) => crate::bench_spec::run(a).await,
         Bench::Routing(a) => crate::bench_routing::run(a).await,
+        Bench::Security(a) => crate::bench_security::run(a).await,
         Bench::Device(_) => anyhow::bail!("bench device runs outside the async runtime (main.rs)"),
     }
 }

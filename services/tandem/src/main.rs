@@ -13,6 +13,7 @@
 mod bench;
 mod bench_device;
 mod bench_routing;
+mod bench_security;
 mod bench_spec;
 mod children;
 mod config;
