@@ -33,10 +33,16 @@ impl Etcd {
             .map(|e| e.trim())
             .filter(|e| !e.is_empty())
             .map(|e| {
-                if e.contains("://") {
-                    e.to_owned()
+                let scheme = if options.tls.is_some() {
+                    "https"
                 } else {
-                    format!("http://{e}")
+                    "http"
+                };
+                match e.split_once("://") {
+                    // With TLS every endpoint is dialled over https, whatever it was written as.
+                    Some((_, rest)) if options.tls.is_some() => format!("https://{rest}"),
+                    Some(_) => e.to_owned(),
+                    None => format!("{scheme}://{e}"),
                 }
             })
             .collect();
@@ -45,16 +51,14 @@ impl Etcd {
         }
         let t = options.request_timeout;
         // Lazy: nothing is dialed here, so a service starts while etcd is down.
-        let client = Client::connect(
-            &endpoints,
-            Some(
-                ConnectOptions::new()
-                    .with_connect_timeout(t)
-                    .with_keep_alive(t, t)
-                    .with_keep_alive_while_idle(true),
-            ),
-        )
-        .await?;
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(t)
+            .with_keep_alive(t, t)
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &options.tls {
+            connect = connect.with_tls(tls_options(tls)?);
+        }
+        let client = Client::connect(&endpoints, Some(connect)).await?;
         Ok(Self {
             client,
             options,
@@ -361,4 +365,24 @@ async fn apply(
         tx.send(out).await.map_err(|_| ())?;
     }
     Ok(())
+}
+
+fn tls_options(tls: &crate::EtcdTls) -> Result<etcd_client::TlsOptions, DiscoveryError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| DiscoveryError::Tls(format!("{}: {e}", p.display())))
+    };
+    let mut o = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+    match (&tls.cert, &tls.key) {
+        (Some(c), Some(k)) => {
+            o = o.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(DiscoveryError::Tls(
+                "an etcd client certificate needs both --etcd-cert and --etcd-key".into(),
+            ))
+        }
+    }
+    Ok(o)
 }

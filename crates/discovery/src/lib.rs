@@ -82,6 +82,8 @@ pub enum DiscoveryError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("TLS to etcd: {0}")]
+    Tls(String),
     #[error("registration task ended unexpectedly: {0}")]
     TaskFailed(String),
     #[error(
@@ -104,6 +106,19 @@ pub struct EtcdOptions {
     pub ttl: Duration,
     /// Bound on each etcd call, and on the time to notice a dead connection.
     pub request_timeout: Duration,
+    /// TLS to etcd (`--etcd-ca`, and a client certificate for etcd's `--client-cert-auth`).
+    /// `None`: plaintext.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM files for a TLS connection to etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA etcd's server certificate chains to.
+    pub ca: std::path::PathBuf,
+    /// This client's certificate and key (etcd with `--client-cert-auth`).
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl Default for EtcdOptions {
@@ -111,6 +126,7 @@ impl Default for EtcdOptions {
         Self {
             ttl: DEFAULT_TTL,
             request_timeout: Duration::from_secs(3),
+            tls: None,
         }
     }
 }

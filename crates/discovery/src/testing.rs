@@ -20,6 +20,9 @@ pub struct EtcdServer {
     peer: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
+    /// Client TLS: (cert, key, CA that client certificates must chain to), and the plaintext
+    /// metrics port its health is read from.
+    tls: Option<(PathBuf, PathBuf, PathBuf, SocketAddr)>,
 }
 
 impl EtcdServer {
@@ -54,14 +57,56 @@ impl EtcdServer {
             data,
             child: None,
             log,
+            tls: None,
         };
         s.resume();
         Some(s)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// [`Self::start`] serving clients over TLS only, with `cert`/`key`, and requiring client
+    /// certificates signed by `client_ca` (`--client-cert-auth`).
+    pub fn start_tls(cert: &Path, key: &Path, client_ca: &Path) -> Option<Self> {
+        let mut s = Self::start_stopped(free_addr(), free_addr())?;
+        s.tls = Some((
+            cert.to_owned(),
+            key.to_owned(),
+            client_ca.to_owned(),
+            free_addr(),
+        ));
+        s.resume();
+        Some(s)
+    }
+
+    fn start_stopped(client: SocketAddr, peer: SocketAddr) -> Option<Self> {
+        let Some(bin) = etcd_binary() else {
+            assert!(
+                std::env::var("TANDEM_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "TANDEM_REQUIRE_ETCD=1: the etcd binary was not found (TANDEM_ETCD_BIN or `etcd` \
+                 on PATH); scripts/test installs it"
+            );
+            eprintln!("SKIPPED: the etcd binary was not found (TANDEM_ETCD_BIN or `etcd` on PATH)");
+            return None;
+        };
+        let data = tempfile::Builder::new()
+            .prefix("tandem-etcd-")
+            .tempdir()
+            .unwrap();
+        let log = data.path().join("etcd.log");
+        Some(Self {
+            bin,
+            client,
+            peer,
+            data,
+            child: None,
+            log,
+            tls: None,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -85,9 +130,25 @@ impl EtcdServer {
             .open(&self.log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let client = format!("http://{}", self.client);
+        let client = self.endpoint();
         let peer = format!("http://{}", self.peer);
+        let mut tls_args = Vec::new();
+        if let Some((cert, key, ca, metrics)) = &self.tls {
+            tls_args = vec![
+                "--cert-file".to_owned(),
+                cert.display().to_string(),
+                "--key-file".to_owned(),
+                key.display().to_string(),
+                "--trusted-ca-file".to_owned(),
+                ca.display().to_string(),
+                "--client-cert-auth".to_owned(),
+                // Health over plain HTTP on its own port (the client port speaks TLS only).
+                "--listen-metrics-urls".to_owned(),
+                format!("http://{metrics}"),
+            ];
+        }
         let child = Command::new(&self.bin)
+            .args(&tls_args)
             .args([
                 "--name",
                 "tandem-test",
@@ -127,7 +188,11 @@ impl EtcdServer {
                 );
             }
             // The client port answering an HTTP health request means etcd has a leader.
-            if health_ok(self.client) {
+            let health = match &self.tls {
+                Some((_, _, _, metrics)) => *metrics,
+                None => self.client,
+            };
+            if health_ok(health) {
                 return;
             }
             assert!(

@@ -16,6 +16,7 @@ fn short_ttl() -> EtcdOptions {
     EtcdOptions {
         ttl: Duration::from_secs(2),
         request_timeout: Duration::from_secs(1),
+        tls: None,
     }
 }
 
@@ -320,4 +321,67 @@ async fn ranks_meet_through_rendezvous_keys() {
             .unwrap_err()
             .to_string();
     assert!(e.contains("'g2'") && e.contains("present: [1]"), "{e}");
+}
+
+/// etcd serving clients over TLS with client certificates: a client with the CA and a
+/// certificate registers and lists; a plaintext client and one without a certificate get
+/// errors, not hangs.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_with_client_certificates() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    p.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    let (ca_pem, crt, k) = (
+        dir.path().join("ca.crt"),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+    );
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let Some(etcd) = EtcdServer::start_tls(&crt, &k, &ca_pem) else {
+        return;
+    };
+    assert!(etcd.endpoint().starts_with("https://"));
+    let with = |cert: bool| EtcdOptions {
+        tls: Some(tandem_discovery::EtcdTls {
+            ca: ca_pem.clone(),
+            cert: cert.then(|| crt.clone()),
+            key: cert.then(|| k.clone()),
+        }),
+        ..short_ttl()
+    };
+    let good = Registry::etcd_with(&etcd.endpoints(), with(true))
+        .await
+        .unwrap();
+    let reg = good.register("/tandem/v1/test/tls/a", "hello").unwrap();
+    tokio::time::timeout(PATIENCE, reg.registered())
+        .await
+        .expect("registered over TLS");
+    let listed = good.list("/tandem/v1/test/tls/").await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    // Plaintext to a TLS-only port, and TLS without a client certificate: refused.
+    let plain_url = etcd.endpoint().replace("https://", "http://");
+    let plain = Registry::etcd_with(&[plain_url], short_ttl())
+        .await
+        .unwrap();
+    assert!(plain.list("/tandem/v1/test/tls/").await.is_err());
+    let anonymous = Registry::etcd_with(&etcd.endpoints(), with(false))
+        .await
+        .unwrap();
+    assert!(anonymous.list("/tandem/v1/test/tls/").await.is_err());
 }

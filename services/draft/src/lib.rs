@@ -88,6 +88,8 @@ pub struct DraftDiscovery {
     pub cluster: String,
     /// `host:port` that verifiers dial; `None`: the bound gRPC address.
     pub advertise: Option<String>,
+    /// TLS to etcd; `None`: plaintext.
+    pub etcd_tls: Option<tandem_discovery::EtcdTls>,
 }
 
 impl DraftConfig {
@@ -282,9 +284,15 @@ impl Registered {
         } else {
             format!("http://{advertise}")
         };
-        let registry = tandem_discovery::Registry::etcd(&d.etcd_endpoints)
-            .await
-            .context("setting up the etcd client")?;
+        let registry = tandem_discovery::Registry::etcd_with(
+            &d.etcd_endpoints,
+            tandem_discovery::EtcdOptions {
+                tls: d.etcd_tls.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("setting up the etcd client")?;
         Ok(Self {
             registry,
             key: keys.draft(model, &id),

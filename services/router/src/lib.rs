@@ -85,6 +85,8 @@ pub struct RouterConfig {
     pub upstream_tls: Option<tandem_runtime::tls::ClientTls>,
     /// The API key file (`--api-keys`, see [`auth`]); `None`: anyone may call.
     pub api_keys: Option<std::path::PathBuf>,
+    /// TLS to etcd; `None`: plaintext.
+    pub etcd_tls: Option<tandem_discovery::EtcdTls>,
 }
 
 impl RouterConfig {
@@ -107,6 +109,7 @@ impl RouterConfig {
             tls: None,
             upstream_tls: None,
             api_keys: None,
+            etcd_tls: None,
         }
     }
 }
@@ -156,9 +159,15 @@ pub async fn membership(cfg: &RouterConfig) -> anyhow::Result<Arc<dyn Membership
         return Ok(Arc::new(fixed));
     }
     let keys = tandem_discovery::Keys::new(&cfg.cluster)?;
-    let registry = tandem_discovery::Registry::etcd(&cfg.etcd_endpoints)
-        .await
-        .context("setting up the etcd client")?;
+    let registry = tandem_discovery::Registry::etcd_with(
+        &cfg.etcd_endpoints,
+        tandem_discovery::EtcdOptions {
+            tls: cfg.etcd_tls.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .context("setting up the etcd client")?;
     tracing::info!(
         endpoints = ?cfg.etcd_endpoints,
         prefix = %keys.groups(),

@@ -194,6 +194,14 @@ pub struct WorkerArgs {
     /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
     #[arg(long, env = "TANDEM_WORKER_CLUSTER")]
     pub cluster: Option<String>,
+    /// CA of etcd's server certificate: talk to etcd over TLS [default: plaintext].
+    #[arg(long, env = "TANDEM_WORKER_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate and key for etcd with --client-cert-auth.
+    #[arg(long, env = "TANDEM_WORKER_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TANDEM_WORKER_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
     /// HOST:PORT that routers should dial for this worker [default: the listen address].
     #[arg(long, env = "TANDEM_WORKER_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
@@ -260,6 +268,9 @@ impl WorkerArgs {
                 draft_candidates,
                 etcd_endpoints,
                 cluster,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
                 advertise_address,
                 group,
                 tls_cert,
@@ -281,6 +292,7 @@ impl WorkerArgs {
             cluster: cluster_name(self.cluster.as_deref()),
             advertise: self.advertise_address.clone(),
             group: self.group.clone(),
+            etcd_tls: etcd_tls(&self.etcd_ca, &self.etcd_cert, &self.etcd_key),
         })
     }
 
@@ -494,6 +506,14 @@ pub struct RouterArgs {
     /// leave without a restart (on top of --workers) [default: none].
     #[arg(long, env = "TANDEM_ROUTER_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Option<Vec<String>>,
+    /// CA of etcd's server certificate: talk to etcd over TLS [default: plaintext].
+    #[arg(long, env = "TANDEM_ROUTER_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate and key for etcd with --client-cert-auth.
+    #[arg(long, env = "TANDEM_ROUTER_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TANDEM_ROUTER_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
     /// Cluster name: etcd keys live under /tandem/v1/<cluster>/ [default: default].
     #[arg(long, env = "TANDEM_ROUTER_CLUSTER")]
     pub cluster: Option<String>,
@@ -531,6 +551,9 @@ impl RouterArgs {
                 tls_server_name,
                 etcd_endpoints,
                 cluster,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
                 routing_policy,
             ]
         );
@@ -585,6 +608,7 @@ impl RouterArgs {
         );
         cfg.tls = server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         cfg.api_keys = self.api_keys;
+        cfg.etcd_tls = etcd_tls(&self.etcd_ca, &self.etcd_cert, &self.etcd_key);
         Ok(cfg)
     }
 }
@@ -649,6 +673,14 @@ pub struct DraftArgs {
     /// Cluster name for the etcd keys [default: default].
     #[arg(long, env = "TANDEM_DRAFT_CLUSTER")]
     pub cluster: Option<String>,
+    /// CA of etcd's server certificate: talk to etcd over TLS [default: plaintext].
+    #[arg(long, env = "TANDEM_DRAFT_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate and key for etcd with --client-cert-auth.
+    #[arg(long, env = "TANDEM_DRAFT_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TANDEM_DRAFT_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
     /// HOST:PORT that verifiers should dial [default: the listen address].
     #[arg(long, env = "TANDEM_DRAFT_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
@@ -681,6 +713,9 @@ impl DraftArgs {
                 drain_grace,
                 etcd_endpoints,
                 cluster,
+                etcd_ca,
+                etcd_cert,
+                etcd_key,
                 advertise_address,
             ]
         );
@@ -693,6 +728,7 @@ impl DraftArgs {
                 etcd_endpoints: endpoints,
                 cluster: cluster_name(self.cluster.as_deref()),
                 advertise: self.advertise_address.clone(),
+                etcd_tls: etcd_tls(&self.etcd_ca, &self.etcd_cert, &self.etcd_key),
             }
         });
         let model = self.model.context(
@@ -864,6 +900,19 @@ fn client_tls(
             ca: Some(ca),
         },
         domain: server_name,
+    })
+}
+
+/// TLS to etcd from `--etcd-ca` (and a client certificate), or plaintext.
+fn etcd_tls(
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Option<tandem_discovery::EtcdTls> {
+    ca.clone().map(|ca| tandem_discovery::EtcdTls {
+        ca,
+        cert: cert.clone(),
+        key: key.clone(),
     })
 }
 

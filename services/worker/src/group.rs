@@ -203,7 +203,14 @@ fn meet(
         "meeting the other ranks through etcd");
     let keys = tandem_discovery::Keys::new(&d.cluster)?;
     let rv = tokio::runtime::Handle::current().block_on(async {
-        let registry = tandem_discovery::Registry::etcd(&d.etcd_endpoints).await?;
+        let registry = tandem_discovery::Registry::etcd_with(
+            &d.etcd_endpoints,
+            tandem_discovery::EtcdOptions {
+                tls: d.etcd_tls.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
         tandem_discovery::rendezvous(&registry, &keys, &group, me, g.connect_timeout).await
     })?;
     let peers = rv

@@ -113,6 +113,8 @@ pub struct WorkerDiscovery {
     pub advertise: Option<String>,
     /// Group id; `None`: derived from the advertise address.
     pub group: Option<String>,
+    /// TLS to etcd; `None`: plaintext.
+    pub etcd_tls: Option<tandem_discovery::EtcdTls>,
 }
 
 impl WorkerConfig {
@@ -411,9 +413,15 @@ impl Discovery {
         } else {
             format!("http://{advertise}")
         };
-        let registry = tandem_discovery::Registry::etcd(&d.etcd_endpoints)
-            .await
-            .context("setting up the etcd client")?;
+        let registry = tandem_discovery::Registry::etcd_with(
+            &d.etcd_endpoints,
+            tandem_discovery::EtcdOptions {
+                tls: d.etcd_tls.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("setting up the etcd client")?;
         Ok(Self {
             registry,
             key: keys.group(&model, &group),
