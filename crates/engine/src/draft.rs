@@ -31,14 +31,11 @@ pub struct DraftSampling {
     pub seed: u64,
 }
 
-/// Proposed tokens and, per position, the sparse distribution q they were drawn from (ids and
-/// probabilities; a deterministic drafter sends q = 1 on its token). Verification is an exact
-/// match against the target's own token and needs no q; it is kept for diagnostics and drafters
-/// that report it.
+/// Proposed tokens. Verification is an exact match against the target's own token (greedy, or
+/// the (seed, position) race when sampling), so no draft probabilities travel with them.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Draft {
     pub tokens: Vec<u32>,
-    pub q: Vec<Vec<(u32, f32)>>,
     /// Further candidates for the same step (multi-candidate drafting), each verified in its
     /// own KV slot; the verifier keeps whichever it accepts most of (`verify_candidates`).
     pub alternatives: Vec<Draft>,
@@ -147,7 +144,6 @@ impl Drafter for NgramDrafter {
                     self.lookup(r.context, k, r.candidates.max(1))
                 };
                 let point = |tokens: Vec<u32>| Draft {
-                    q: tokens.iter().map(|&t| vec![(t, 1.0)]).collect(),
                     tokens,
                     alternatives: Vec::new(),
                 };
@@ -204,14 +200,14 @@ mod tests {
         let ctx = [5, 7, 8, 3, 3, 7, 8, 9, 1, 2, 6, 7, 8];
         assert_eq!(propose(&mut d, &ctx, 3), vec![9, 1, 2]);
         // Longer n-grams win: the tail "6 7 8" never occurred before, "7 8" did.
-        let q = d.propose(&[DraftRequest {
+        let got = d.propose(&[DraftRequest {
             seq: 1,
             context: &ctx,
             max_tokens: 2,
             candidates: 1,
             sampling: DraftSampling::default(),
         }]);
-        assert_eq!(q[0].q, vec![vec![(9, 1.0)], vec![(1, 1.0)]]);
+        assert_eq!(got[0].tokens, vec![9, 1], "at most max_tokens");
     }
 
     #[test]
@@ -230,10 +226,7 @@ mod tests {
         let mut all = vec![got[0].tokens.clone()];
         all.extend(got[0].alternatives.iter().map(|a| a.tokens.clone()));
         assert_eq!(all, vec![vec![9, 1], vec![4, 4], vec![3, 0]]);
-        assert!(got[0]
-            .alternatives
-            .iter()
-            .all(|a| a.q.len() == a.tokens.len()));
+        assert!(got[0].alternatives.iter().all(|a| !a.tokens.is_empty()));
     }
 
     #[test]

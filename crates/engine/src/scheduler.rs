@@ -769,14 +769,8 @@ impl Scheduler {
                 self.costs.drafters[kind as usize].record(max_k, started.elapsed().as_secs_f64());
             }
             for ((j, k), mut d) in slots.into_iter().zip(out) {
-                // A drafter must not hand back more than asked or a q per token short.
-                let fit = |d: &mut Draft| {
-                    d.tokens.truncate(k);
-                    d.q.truncate(d.tokens.len());
-                    if d.q.len() < d.tokens.len() {
-                        d.tokens.truncate(d.q.len());
-                    }
-                };
+                // A drafter must not hand back more than asked.
+                let fit = |d: &mut Draft| d.tokens.truncate(k);
                 fit(&mut d);
                 d.alternatives
                     .truncate(self.running[decoding[j]].candidates.saturating_sub(1));

@@ -624,7 +624,6 @@ mod tests {
                     .collect();
                 let draft = Draft {
                     tokens,
-                    q: q.clone(),
                     ..Default::default()
                 };
                 let v = verify(&mut sampler, &draft, &rows);
@@ -668,7 +667,6 @@ mod tests {
         let p: Vec<Vec<f64>> = rows.iter().map(|r| softmax(r)).collect();
         let point = |tokens: &[u32]| Draft {
             tokens: tokens.to_vec(),
-            q: tokens.iter().map(|&t| vec![(t, 1.0)]).collect(),
             ..Default::default()
         };
         let q_unrelated: Vec<Vec<(u32, f32)>> = vec![
@@ -696,7 +694,6 @@ mod tests {
                     _ => (0..3)
                         .map(|_| Draft {
                             tokens: q_unrelated.iter().map(|q| draw(&mut rng, q)).collect(),
-                            q: q_unrelated.clone(),
                             ..Default::default()
                         })
                         .collect(),
@@ -738,7 +735,6 @@ mod tests {
         ];
         let d = |t: &[u32]| Draft {
             tokens: t.to_vec(),
-            q: t.iter().map(|&x| vec![(x, 1.0)]).collect(),
             ..Default::default()
         };
         let drafts = vec![d(&[2, 0]), d(&[1, 2]), d(&[1, 0])];
@@ -766,7 +762,6 @@ mod tests {
             &mut s,
             &Draft {
                 tokens: vec![1, 2],
-                q: vec![vec![(1, 1.0)], vec![(2, 1.0)]],
                 ..Default::default()
             },
             &rows,
@@ -778,7 +773,6 @@ mod tests {
             &mut s,
             &Draft {
                 tokens: vec![1, 0],
-                q: vec![vec![(1, 1.0)], vec![(0, 1.0)]],
                 ..Default::default()
             },
             &rows,

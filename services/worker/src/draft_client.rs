@@ -460,11 +460,11 @@ impl Drafter for RemoteDrafter {
                 .alternatives
                 .into_iter()
                 .take(r.candidates.saturating_sub(1))
-                .map(|a| to_draft(&a.tokens, a.q, r.max_tokens))
+                .map(|a| to_draft(&a.tokens, r.max_tokens))
                 .collect();
             out[i] = Draft {
                 alternatives,
-                ..to_draft(&d.tokens, d.q, r.max_tokens)
+                ..to_draft(&d.tokens, r.max_tokens)
             };
         }
         out
@@ -507,15 +507,11 @@ fn rand_u32() -> u32 {
 
 /// One candidate from the wire: at most `max` tokens, each with its sparse q (a token without
 /// its q is dropped with everything after it).
-fn to_draft(tokens: &[u32], q: Vec<pb::SparseDistribution>, max: usize) -> Draft {
-    let q: Vec<Vec<(u32, f32)>> = q
-        .into_iter()
-        .map(|q| q.ids.into_iter().zip(q.probs).collect())
-        .collect();
-    let k = tokens.len().min(q.len()).min(max);
+/// The draft service's tokens, at most `max`. Its q (the distributions it drew from) is not
+/// needed: verification matches the target's own tokens.
+fn to_draft(tokens: &[u32], max: usize) -> Draft {
     Draft {
-        tokens: tokens[..k].to_vec(),
-        q: q.into_iter().take(k).collect(),
+        tokens: tokens[..tokens.len().min(max)].to_vec(),
         alternatives: Vec::new(),
     }
 }
