@@ -165,6 +165,18 @@ impl Registry {
         Self::etcd_with(endpoints, EtcdOptions::default()).await
     }
 
+    /// An etcd registry with the default options, over TLS when `tls` is set.
+    pub async fn etcd_tls(
+        endpoints: &[String],
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self, DiscoveryError> {
+        let options = EtcdOptions {
+            tls: tls.cloned(),
+            ..Default::default()
+        };
+        Self::etcd_with(endpoints, options).await
+    }
+
     pub async fn etcd_with(
         endpoints: &[String],
         options: EtcdOptions,

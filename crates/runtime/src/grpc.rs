@@ -53,3 +53,17 @@ fn builder(services: &[&str]) -> Builder<'static> {
     }
     b
 }
+
+/// A client's own timer fires at its deadline, which a server knows only from the
+/// `grpc-timeout` it was sent (and measures from a little later, when the request arrived): a
+/// stream the client resets this close to its deadline ended by the deadline.
+pub const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The code of a stream whose client went away: DEADLINE_EXCEEDED when its deadline has (all
+/// but) passed, CANCELLED otherwise.
+pub fn dropped_stream_code(deadline: Option<std::time::Instant>) -> tonic::Code {
+    match deadline {
+        Some(d) if std::time::Instant::now() + DEADLINE_SLACK >= d => tonic::Code::DeadlineExceeded,
+        _ => tonic::Code::Cancelled,
+    }
+}

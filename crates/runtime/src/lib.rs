@@ -13,7 +13,8 @@ pub mod tls;
 
 pub use drain::{Drain, InFlight};
 pub use grpc::{
-    health_service, reflection_v1, reflection_v1alpha, set_health, HealthReporter, ServingStatus,
+    dropped_stream_code, health_service, reflection_v1, reflection_v1alpha, set_health,
+    HealthReporter, ServingStatus,
 };
 pub use metrics::{
     grpc_code_name, latency_buckets, serve_metrics, spawn_metrics_server, token_count_buckets,

@@ -164,6 +164,11 @@ impl ServerTls {
         })
     }
 
+    /// [`ServerTls::load`] when the server has TLS files, `None` (plaintext) when not.
+    pub fn load_if(files: Option<&TlsFiles>) -> Result<Option<Self>, TlsError> {
+        files.cloned().map(Self::load).transpose()
+    }
+
     /// Whether clients must present a certificate (a client CA was given).
     pub fn requires_client_certs(&self) -> bool {
         self.files.ca.is_some()

@@ -175,11 +175,7 @@ pub async fn spawn(cfg: DraftConfig) -> anyhow::Result<DraftHandle> {
         .add_service(reflection_v1(&[DRAFTER_SERVICE])?)
         .add_service(reflection_v1alpha(&[DRAFTER_SERVICE])?)
         .add_service(drafter);
-    let tls = cfg
-        .tls
-        .clone()
-        .map(tandem_runtime::tls::ServerTls::load)
-        .transpose()
+    let tls = tandem_runtime::tls::ServerTls::load_if(cfg.tls.as_ref())
         .context("the draft's TLS certificate")?;
     let server = tokio::spawn(tandem_runtime::tls::serve(router, listener, tls, async {
         let _ = server_stop_rx.await;
@@ -284,15 +280,9 @@ impl Registered {
         } else {
             format!("http://{advertise}")
         };
-        let registry = tandem_discovery::Registry::etcd_with(
-            &d.etcd_endpoints,
-            tandem_discovery::EtcdOptions {
-                tls: d.etcd_tls.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("setting up the etcd client")?;
+        let registry = tandem_discovery::Registry::etcd_tls(&d.etcd_endpoints, d.etcd_tls.as_ref())
+            .await
+            .context("setting up the etcd client")?;
         Ok(Self {
             registry,
             key: keys.draft(model, &id),

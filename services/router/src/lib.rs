@@ -159,15 +159,9 @@ pub async fn membership(cfg: &RouterConfig) -> anyhow::Result<Arc<dyn Membership
         return Ok(Arc::new(fixed));
     }
     let keys = tandem_discovery::Keys::new(&cfg.cluster)?;
-    let registry = tandem_discovery::Registry::etcd_with(
-        &cfg.etcd_endpoints,
-        tandem_discovery::EtcdOptions {
-            tls: cfg.etcd_tls.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .context("setting up the etcd client")?;
+    let registry = tandem_discovery::Registry::etcd_tls(&cfg.etcd_endpoints, cfg.etcd_tls.as_ref())
+        .await
+        .context("setting up the etcd client")?;
     tracing::info!(
         endpoints = ?cfg.etcd_endpoints,
         prefix = %keys.groups(),
@@ -234,11 +228,7 @@ impl Router {
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
         // Bad certificate files fail the start, naming the file.
-        let tls = cfg
-            .tls
-            .clone()
-            .map(tandem_runtime::tls::ServerTls::load)
-            .transpose()
+        let tls = tandem_runtime::tls::ServerTls::load_if(cfg.tls.as_ref())
             .context("the router's TLS certificate")?;
         let api_keys = match &cfg.api_keys {
             Some(p) => {

@@ -97,20 +97,6 @@ struct Tracker {
     key: Option<String>,
 }
 
-/// A client's own timer fires at its deadline, which the server knows only from the
-/// `grpc-timeout` it was sent (and measures from a little later): a stream dropped this close to
-/// the deadline counts as DEADLINE_EXCEEDED.
-pub(crate) const DEADLINE_SLACK: Duration = Duration::from_millis(50);
-
-/// The code of a request whose client went away: DEADLINE_EXCEEDED when its deadline has (all
-/// but) passed, CANCELLED otherwise.
-pub(crate) fn dropped_code(deadline: Option<Instant>) -> Code {
-    match deadline {
-        Some(d) if Instant::now() + DEADLINE_SLACK >= d => Code::DeadlineExceeded,
-        _ => Code::Cancelled,
-    }
-}
-
 impl Tracker {
     /// Admits a request (refused with UNAVAILABLE while draining) and starts counting it.
     fn new(shared: &Shared, method: &'static str, started: Instant) -> Result<Self, Status> {
@@ -161,7 +147,9 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        let code = self.code.unwrap_or_else(|| dropped_code(self.deadline));
+        let code = self
+            .code
+            .unwrap_or_else(|| tandem_runtime::dropped_stream_code(self.deadline));
         self.metrics.request_done(self.method, code);
         if let Some(key) = self.key.take() {
             self.metrics

@@ -203,14 +203,8 @@ fn meet(
         "meeting the other ranks through etcd");
     let keys = tandem_discovery::Keys::new(&d.cluster)?;
     let rv = tokio::runtime::Handle::current().block_on(async {
-        let registry = tandem_discovery::Registry::etcd_with(
-            &d.etcd_endpoints,
-            tandem_discovery::EtcdOptions {
-                tls: d.etcd_tls.clone(),
-                ..Default::default()
-            },
-        )
-        .await?;
+        let registry =
+            tandem_discovery::Registry::etcd_tls(&d.etcd_endpoints, d.etcd_tls.as_ref()).await?;
         tandem_discovery::rendezvous(&registry, &keys, &group, me, g.connect_timeout).await
     })?;
     let peers = rv
@@ -318,11 +312,7 @@ pub(crate) async fn spawn_follower(
     let (health, health_svc) = health_service(&[]).await;
     registry.set_health(&health);
     let (server_stop_tx, server_stop_rx) = oneshot::channel::<()>();
-    let tls = cfg
-        .tls
-        .clone()
-        .map(tandem_runtime::tls::ServerTls::load)
-        .transpose()
+    let tls = tandem_runtime::tls::ServerTls::load_if(cfg.tls.as_ref())
         .context("the worker's TLS certificate")?;
     let server = tokio::spawn(tandem_runtime::tls::serve(
         Server::builder().add_service(health_svc),

@@ -251,10 +251,6 @@ fn to_u32(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// How close to its deadline a dropped stream counts as DEADLINE_EXCEEDED: the deadline is
-/// measured from when the request arrived, a little after the client started its timer.
-const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_millis(50);
-
 /// One Generate response stream: the engine's events, batched per message.
 struct GenStream {
     /// `None` once the sequence ended (or was dropped to cancel it).
@@ -469,12 +465,7 @@ impl Drop for GenStream {
         // Dropped before it ended: the client went away (cancelled the call or reset the stream).
         // Dropping `generation` with it cancels the sequence in the engine.
         if self.outcome.is_none() {
-            // A client resets the stream when its own deadline timer fires, often a moment
-            // before ours: that is the deadline, not a cancel.
-            let code = match self.deadline {
-                Some(d) if Instant::now() + DEADLINE_SLACK >= d => Code::DeadlineExceeded,
-                _ => Code::Cancelled,
-            };
+            let code = tandem_runtime::dropped_stream_code(self.deadline);
             tracing::debug!(request_id = %self.request_id, ?code, "client went away; cancelling");
             self.cancel();
             self.set_outcome(code);
