@@ -328,31 +328,10 @@ async fn ranks_meet_through_rendezvous_keys() {
 /// errors, not hangs.
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_over_tls_with_client_certificates() {
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-    };
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = p.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    p.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
-    let (ca_pem, crt, k) = (
-        dir.path().join("ca.crt"),
-        dir.path().join("tls.crt"),
-        dir.path().join("tls.key"),
-    );
-    std::fs::write(&ca_pem, ca.pem()).unwrap();
-    std::fs::write(&crt, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let ca = tandem_testkit::pki::Ca::new(dir.path(), "etcd").unwrap();
+    let (crt, k) = ca.leaf(dir.path(), "tls").unwrap();
+    let ca_pem = ca.pem.clone();
     let Some(etcd) = EtcdServer::start_tls(&crt, &k, &ca_pem) else {
         return;
     };

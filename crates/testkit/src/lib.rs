@@ -17,6 +17,7 @@
 //! yet spread over several tokens, so sampling tests see real differences between temperatures,
 //! top-k and top-p.
 
+pub mod pki;
 mod tokenizer;
 
 use std::collections::HashMap;

@@ -77,10 +77,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// One request's latencies.
-struct Sample {
-    ttft: Duration,
+pub(crate) struct Sample {
+    pub ttft: Duration,
     /// Time per token after the first, one entry per token.
-    per_token: Vec<Duration>,
+    pub per_token: Vec<Duration>,
 }
 
 async fn router_overhead(args: OverheadArgs) -> anyhow::Result<()> {
@@ -152,10 +152,10 @@ async fn router_overhead(args: OverheadArgs) -> anyhow::Result<()> {
             // Alternate the order so neither path always runs on a cooler (or warmer) machine.
             let (d, r) = if i % 2 == 0 {
                 let d = via_worker(&mut worker, &prompt, args.max_new_tokens).await?;
-                let r = via_router(&mut router, &prompt, args.max_new_tokens).await?;
+                let r = via_router(&mut router, &prompt, args.max_new_tokens, None).await?;
                 (d, r)
             } else {
-                let r = via_router(&mut router, &prompt, args.max_new_tokens).await?;
+                let r = via_router(&mut router, &prompt, args.max_new_tokens, None).await?;
                 let d = via_worker(&mut worker, &prompt, args.max_new_tokens).await?;
                 (d, r)
             };
@@ -251,21 +251,28 @@ async fn via_worker(
     clock.sample()
 }
 
-async fn via_router(
+/// One greedy request through a router, with `api_key` as `authorization: Bearer` if given.
+pub(crate) async fn via_router(
     router: &mut GenerationClient<Channel>,
     prompt: &[u32],
     max_new_tokens: u32,
+    api_key: Option<&str>,
 ) -> anyhow::Result<Sample> {
+    let mut req = tonic::Request::new(GenerateRequest {
+        input: Some(generate_request::Input::TokenIds(TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        sampling: Some(sampling()),
+        stopping: Some(stopping(max_new_tokens)),
+        ..Default::default()
+    });
+    if let Some(k) = api_key {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {k}").parse()?);
+    }
     let mut clock = Clock::new();
     let mut stream = router
-        .generate_stream(GenerateRequest {
-            input: Some(generate_request::Input::TokenIds(TokenIds {
-                ids: prompt.to_vec(),
-            })),
-            sampling: Some(sampling()),
-            stopping: Some(stopping(max_new_tokens)),
-            ..Default::default()
-        })
+        .generate_stream(req)
         .await
         .context("router GenerateStream")?
         .into_inner();

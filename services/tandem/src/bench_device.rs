@@ -82,13 +82,18 @@ fn block_type(s: &str) -> anyhow::Result<candle_core::quantized::GgmlDType> {
     })
 }
 
-fn load(args: &DeviceArgs, path: &Path, device: DeviceKind) -> anyhow::Result<(Model, f64)> {
-    let opts = LoadOptions {
+/// How every model of the run loads: on `device`, quantized at load as `--quantize` says.
+fn load_options(args: &DeviceArgs, device: DeviceKind) -> anyhow::Result<LoadOptions> {
+    Ok(LoadOptions {
         device,
         quantize_hf: args.quantize.as_deref().map(block_type).transpose()?,
         max_context: Some(4096),
         ..Default::default()
-    };
+    })
+}
+
+fn load(args: &DeviceArgs, path: &Path, device: DeviceKind) -> anyhow::Result<(Model, f64)> {
+    let opts = load_options(args, device)?;
     let t = Instant::now();
     let m = Model::load(path, &opts)
         .with_context(|| format!("loading {} on {device}", path.display()))?;
@@ -254,11 +259,8 @@ fn group_logits(
             .map(|comm| {
                 s.spawn(move || {
                     let opts = LoadOptions {
-                        device,
-                        quantize_hf: args.quantize.as_deref().map(block_type).transpose()?,
-                        max_context: Some(4096),
                         shard: Some(Shard::new(comm)),
-                        ..Default::default()
+                        ..load_options(args, device)?
                     };
                     let m = Model::load(&args.model, &opts)?;
                     let logits = all_logits(&m, ids)?;

@@ -11,13 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tandem_proto::v1::generation_client::GenerationClient;
-use tandem_proto::v1::{
-    generate_request, tokenize_request, GenerateRequest, SamplingParameters, StoppingCriteria,
-    TokenIds, TokenizeRequest,
-};
+use tandem_proto::v1::{tokenize_request, TokenizeRequest};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::bench::{ms, percentile};
+use crate::bench::{ms, percentile, via_router, Sample};
 use crate::children::{self, Children};
 
 #[derive(Debug, clap::Args)]
@@ -48,34 +45,13 @@ struct Pki {
 
 /// A CA and one certificate for localhost / 127.0.0.1, server and client auth.
 fn pki(dir: &Path) -> anyhow::Result<Pki> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        SanType,
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(DnType::CommonName, "tandem bench CA");
-    let ca = p.self_signed(&ca_key)?;
-    let key = KeyPair::generate()?;
-    let mut p = CertificateParams::new(vec!["localhost".to_owned()])?;
-    p.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse()?));
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = p.signed_by(&key, &ca, &ca_key)?;
-    let out = Pki {
-        ca: dir.join("ca.crt"),
-        cert: dir.join("tls.crt"),
-        key: dir.join("tls.key"),
-    };
-    std::fs::write(&out.ca, ca.pem())?;
-    std::fs::write(&out.cert, cert.pem())?;
-    std::fs::write(&out.key, key.serialize_pem())?;
-    Ok(out)
+    let ca = tandem_testkit::pki::Ca::new(dir, "bench")?;
+    let (cert, key) = ca.leaf(dir, "tls")?;
+    Ok(Pki {
+        ca: ca.pem,
+        cert,
+        key,
+    })
 }
 
 fn s(p: &Path) -> String {
@@ -112,51 +88,10 @@ async fn connect(
     Ok(GenerationClient::new(ep.connect().await?))
 }
 
-async fn one(
-    p: &mut Path3,
-    prompt: &[u32],
-    max_new: u32,
-) -> anyhow::Result<(Duration, Vec<Duration>)> {
-    let mut req = tonic::Request::new(GenerateRequest {
-        input: Some(generate_request::Input::TokenIds(TokenIds {
-            ids: prompt.to_vec(),
-        })),
-        sampling: Some(SamplingParameters {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        stopping: Some(StoppingCriteria {
-            max_new_tokens: Some(max_new),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    if let Some(k) = &p.key {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {k}").parse()?);
-    }
-    let start = Instant::now();
-    let mut stream = p
-        .client
-        .generate_stream(req)
+async fn one(p: &mut Path3, prompt: &[u32], max_new: u32) -> anyhow::Result<Sample> {
+    via_router(&mut p.client, prompt, max_new, p.key.as_deref())
         .await
-        .with_context(|| format!("{}: GenerateStream", p.name))?
-        .into_inner();
-    let (mut first, mut last, mut per) = (None, start, Vec::new());
-    while let Some(m) = stream.message().await.context("stream")? {
-        let n = m.token_ids.len();
-        if n == 0 {
-            continue;
-        }
-        let now = Instant::now();
-        match first {
-            None => first = Some(now - start),
-            Some(_) => per.extend(std::iter::repeat_n((now - last) / n as u32, n)),
-        }
-        last = now;
-    }
-    Ok((first.context("no token")?, per))
+        .with_context(|| p.name)
 }
 
 pub async fn run(args: SecurityArgs) -> anyhow::Result<()> {
@@ -281,10 +216,10 @@ pub async fn run(args: SecurityArgs) -> anyhow::Result<()> {
             // Rotate which path goes first: none always runs on a cooler machine.
             for j in 0..paths.len() {
                 let k = (i + j) % paths.len();
-                let (ttft, per) = one(&mut paths[k], &prompt, args.max_new_tokens).await?;
+                let sample = one(&mut paths[k], &prompt, args.max_new_tokens).await?;
                 if i >= args.warmup {
-                    paths[k].ttft.push(ttft);
-                    paths[k].per_token.extend(per);
+                    paths[k].ttft.push(sample.ttft);
+                    paths[k].per_token.extend(sample.per_token);
                 }
             }
         }

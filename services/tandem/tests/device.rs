@@ -11,15 +11,11 @@ fn tandem() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
 }
 
-#[test]
-fn a_gpu_on_a_build_without_cuda_fails_at_once_and_says_why() {
-    if cfg!(feature = "cuda") {
-        return; // the GPU binary's errors need a driver to tell apart (scripts/gpu-check)
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
+/// A tiny random-weight model written by `tandem make-model` (bf16, as real checkpoints).
+fn make_tiny(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("tiny");
     let out = tandem()
-        .args(["make-model", "--shape", "tiny", "--out"])
+        .args(["make-model", "--shape", "tiny", "--dtype", "bf16", "--out"])
         .arg(&model)
         .output()
         .unwrap();
@@ -28,6 +24,16 @@ fn a_gpu_on_a_build_without_cuda_fails_at_once_and_says_why() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    model
+}
+
+#[test]
+fn a_gpu_on_a_build_without_cuda_fails_at_once_and_says_why() {
+    if cfg!(feature = "cuda") {
+        return; // the GPU binary's errors need a driver to tell apart (scripts/gpu-check)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = make_tiny(dir.path());
     for args in [
         vec!["worker", "--listen", "127.0.0.1:0", "--device", "cuda"],
         vec!["draft", "--listen", "127.0.0.1:0", "--device", "cuda:1"],
@@ -62,18 +68,8 @@ fn a_gpu_on_a_build_without_cuda_fails_at_once_and_says_why() {
 #[test]
 fn bench_device_runs_every_check_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny");
+    let model = make_tiny(dir.path());
     let results = dir.path().join("results.jsonl");
-    let out = tandem()
-        .args(["make-model", "--shape", "tiny", "--dtype", "bf16", "--out"])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let out = tandem()
         .args(["bench", "device", "--device", "cpu", "--reference", "cpu"])
         .args(["--quantize", "q8_0", "--batch", "1,4", "--new-tokens", "8"])

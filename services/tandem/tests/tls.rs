@@ -8,60 +8,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{free_addr, Proc};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
 use tandem_proto::v1::generation_client::GenerationClient;
 use tandem_proto::v1::{
     generate_request, FinishReason, GenerateRequest, ListModelsRequest, StoppingCriteria,
 };
+use tandem_testkit::pki::Ca;
 use tandem_testkit::{tiny_model, TinyConfig};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    pem: PathBuf,
-}
-
-fn ca(dir: &Path, name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(DnType::CommonName, format!("Tandem test CA {name}"));
-    let cert = p.self_signed(&key).unwrap();
-    let pem = dir.join(format!("{name}-ca.crt"));
-    std::fs::write(&pem, cert.pem()).unwrap();
-    Ca { cert, key, pem }
-}
-
-/// A certificate for localhost / 127.0.0.1 usable as server and client, signed by `ca`; writes
-/// `<name>.crt` and `<name>.key` (overwriting: a rotation).
-fn leaf(dir: &Path, name: &str, ca: &Ca) -> (PathBuf, PathBuf) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    p.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    // Key first, then the certificate: the server reloads once both match.
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    std::fs::write(&c, cert.pem()).unwrap();
-    (c, k)
-}
 
 fn s(p: &Path) -> String {
     p.display().to_string()
@@ -149,11 +106,11 @@ fn long_req(n: u32) -> GenerateRequest {
 async fn tls_and_mtls_on_every_public_and_internal_hop() {
     let pki = tempfile::tempdir().unwrap();
     let dir = pki.path();
-    let ca1 = ca(dir, "one");
-    let other = ca(dir, "other");
-    let (server_crt, server_key) = leaf(dir, "server", &ca1);
-    let (client_crt, client_key) = leaf(dir, "client", &ca1);
-    let (rogue_crt, rogue_key) = leaf(dir, "rogue", &other);
+    let ca1 = Ca::new(dir, "one").unwrap();
+    let other = Ca::new(dir, "other").unwrap();
+    let (server_crt, server_key) = ca1.leaf(dir, "server").unwrap();
+    let (client_crt, client_key) = ca1.leaf(dir, "client").unwrap();
+    let (rogue_crt, rogue_key) = other.leaf(dir, "rogue").unwrap();
 
     // Slow enough that a long stream outlasts a rotation (reloads are checked every 5 s).
     let tiny = tiny_model(&TinyConfig {
@@ -304,8 +261,8 @@ async fn tls_and_mtls_on_every_public_and_internal_hop() {
         }
         (tokens, finish, Instant::now())
     });
-    let ca2 = ca(dir, "two");
-    let (new_crt, new_key) = leaf(dir, "rotated", &ca2);
+    let ca2 = Ca::new(dir, "two").unwrap();
+    let (new_crt, new_key) = ca2.leaf(dir, "rotated").unwrap();
     std::fs::copy(&new_key, &router_key).unwrap();
     std::fs::copy(&new_crt, &router_crt).unwrap();
     // New connections get the new certificate within the reload period (5 s).
